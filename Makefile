@@ -1,0 +1,29 @@
+# Two entry points (see README): `make quickstart` and `make test`.
+# Both create ./.venv from requirements.txt on first use (PYTHON picks the interpreter).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/quickstart
+
+.PHONY: venv test test-all quickstart bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -n 2
+
+test-all: venv
+	$(PY) -m pytest -n 2 -m ''
+
+quickstart: venv
+	$(PY) -m experiments.demo_warp --out $(WORKDIR)/warp_demo.png
+
+bench: venv
+	$(PY) benchmarks/sampler.py

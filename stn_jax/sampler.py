@@ -1,0 +1,164 @@
+"""Differentiable grid sampling of images and volumes, PyTorch-compatible.
+
+``grid_sample(image, grid)`` returns ``out[..., i, j, :] = image[..., T(i, j), :]``
+where the grid holds the normalised source location ``(x, y)`` for every
+output pixel (see `stn_jax.coords` for the conventions). Images are
+channels-last; every leading dimension is a batch dimension, broadcast
+NumPy-style between image and grid and mapped with `jax.vmap` (an image
+shared by many grids is read in place, never copied, and its gradient is
+accumulated in place).
+
+For the same arguments the result equals ``torch.nn.functional.grid_sample``
+on the transposed arrays up to float rounding, out-of-range points included.
+Values are differentiable w.r.t. image and grid to any order, in forward and
+reverse mode; the grid derivative of bilinear sampling is the right
+derivative at integer pixel coordinates (PyTorch's choice) and that of
+nearest sampling is zero.
+
+Points with a NaN coordinate read nothing: the output is 0 and the gradient
+0, in every padding mode. An infinite coordinate reads 0 with ``"zeros"`` and
+``"reflection"`` padding and the edge pixel with ``"border"``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from stn_jax import transforms
+from stn_jax._interp import interpolate
+from stn_jax.coords import PADDING_MODES, apply_padding, normalized_to_pixel
+
+MODES_2D = ("bilinear", "nearest")
+MODES_3D = ("bilinear", "trilinear", "nearest")
+_FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+def _check(image, grid, ndim: int, mode: str, modes: Sequence[str], padding_mode: str, align_corners) -> None:
+    name = "grid_sample" if ndim == 2 else "grid_sample_3d"
+    layout = "(..., H, W, C)" if ndim == 2 else "(..., D, H, W, C)"
+    glayout = "(..., H_out, W_out, 2)" if ndim == 2 else "(..., D_out, H_out, W_out, 3)"
+    if mode not in modes:
+        raise ValueError(f"{name}: mode must be one of {modes}, got {mode!r}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{name}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+    if not isinstance(align_corners, (bool, np.bool_)):
+        raise ValueError(f"{name}: align_corners must be a bool, got {align_corners!r}")
+    for arg, x, lay in (("image", image, layout), ("grid", grid, glayout)):
+        if x.ndim < ndim + 1:
+            raise ValueError(f"{name}: {arg} must have shape {lay}, got shape {x.shape}")
+        if not any(x.dtype == d for d in _FLOAT_DTYPES):
+            raise ValueError(f"{name}: {arg} must be a floating-point array, got dtype {x.dtype}")
+    if grid.shape[-1] != ndim:
+        raise ValueError(
+            f"{name}: the last axis of grid must hold the {ndim} coordinates "
+            f"({'x, y' if ndim == 2 else 'x, y, z'}), got grid shape {grid.shape}")
+    if min(image.shape[-ndim - 1:-1]) < 1:
+        raise ValueError(f"{name}: image has an empty spatial axis: shape {image.shape}")
+    try:
+        np.broadcast_shapes(image.shape[:-ndim - 1], grid.shape[:-ndim - 1])
+    except ValueError:
+        raise ValueError(
+            f"{name}: the batch dimensions of image {image.shape[:-ndim - 1]} and grid "
+            f"{grid.shape[:-ndim - 1]} do not broadcast (image shape {image.shape}, "
+            f"grid shape {grid.shape})") from None
+
+
+def _sample_one(image, grid, *, ndim, kernel, padding_mode, align_corners):
+    """One image ``(*spatial, C)`` at one grid ``(*out, ndim)`` -> ``(*out, C)``."""
+    sizes = image.shape[:ndim][::-1]  # per coordinate: x -> W, y -> H, z -> D
+    dtype = jnp.promote_types(grid.dtype, jnp.float32)
+    points = grid.astype(dtype).reshape(1, -1, ndim)
+    coords = [
+        apply_padding(normalized_to_pixel(points[..., a], n, align_corners), n, padding_mode, align_corners)
+        for a, n in enumerate(sizes)
+    ]
+    out = interpolate(image.reshape(-1), coords, sizes=sizes, offsets=(0,), channels=image.shape[-1], kernel=kernel)
+    return out.reshape(grid.shape[:-1] + image.shape[-1:]).astype(image.dtype)
+
+
+def _map_batch(fn: Callable, image, grid, nbatch: int):
+    """Maps ``fn`` over ``nbatch`` leading axes with `jax.vmap`; size-1 axes broadcast."""
+    if nbatch == 0:
+        return fn(image, grid)
+    n = max(image.shape[0], grid.shape[0])
+    image_axis = 0 if image.shape[0] == n else None
+    grid_axis = 0 if grid.shape[0] == n else None
+    image = image if image_axis == 0 else image[0]
+    grid = grid if grid_axis == 0 else grid[0]
+    inner = lambda i, g: _map_batch(fn, i, g, nbatch - 1)
+    return jax.vmap(inner, in_axes=(image_axis, grid_axis))(image, grid)
+
+
+def _sample(image, grid, *, ndim, mode, modes, padding_mode, align_corners):
+    image, grid = jnp.asarray(image), jnp.asarray(grid)
+    _check(image, grid, ndim, mode, modes, padding_mode, align_corners)
+    nbatch = max(image.ndim, grid.ndim) - ndim - 1
+    image = image.reshape((1,) * (nbatch + ndim + 1 - image.ndim) + image.shape)
+    grid = grid.reshape((1,) * (nbatch + ndim + 1 - grid.ndim) + grid.shape)
+    fn = lambda i, g: _sample_one(
+        i, g, ndim=ndim, kernel="nearest" if mode == "nearest" else "linear",
+        padding_mode=padding_mode, align_corners=bool(align_corners))
+    return _map_batch(fn, image, grid, nbatch)
+
+
+def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: bool = False) -> jax.Array:
+    """Samples ``image`` at the normalised locations in ``grid``.
+
+    Args:
+      image: ``(..., H, W, C)`` float16, bfloat16, float32 or float64.
+      grid: ``(..., H_out, W_out, 2)`` holding ``(x, y)`` in [-1, 1] (outside is
+        allowed: see ``padding_mode``). Leading dimensions broadcast with the image's.
+      mode: ``"bilinear"`` or ``"nearest"`` (rounds half to even).
+      padding_mode: what points outside the image read: ``"zeros"``, ``"border"``
+        (the nearest edge pixel) or ``"reflection"`` (the image mirrored at its edges).
+      align_corners: whether -1 and 1 are the centres (True) or outer edges
+        (False) of the corner pixels, as in PyTorch.
+
+    Returns:
+      ``(..., H_out, W_out, C)`` in the image's dtype; interpolation weights and
+      sums are computed in float32 (float64 for a float64 grid).
+    """
+    return _sample(image, grid, ndim=2, mode=mode, modes=MODES_2D, padding_mode=padding_mode,
+                   align_corners=align_corners)
+
+
+def grid_sample_3d(volume, grid, *, mode: str = "trilinear", padding_mode: str = "zeros",
+                   align_corners: bool = False) -> jax.Array:
+    """Samples a volume ``(..., D, H, W, C)`` at a grid ``(..., D_out, H_out, W_out, 3)`` of ``(x, y, z)``.
+
+    ``mode`` is ``"trilinear"`` (also accepted as ``"bilinear"``, PyTorch's name
+    for it on 5-D inputs) or ``"nearest"``; the rest is as in `grid_sample`.
+    """
+    return _sample(volume, grid, ndim=3, mode=mode, modes=MODES_3D, padding_mode=padding_mode,
+                   align_corners=align_corners)
+
+
+def warp(image, params, size: Sequence[int] | None = None, transform: str = "affine", *,
+         align_corners: bool = False, **sampler_options) -> jax.Array:
+    """Warps ``image`` by a parameterised transform: the grid and the sampling in one call.
+
+    Args:
+      image: ``(..., H, W, C)`` (or ``(..., D, H, W, C)`` for ``"affine3d"``).
+      params: ``(..., n)`` transform parameters (see `stn_jax.TRANSFORMS`); the
+        affine, projective and 3-D affine transforms also take their matrices.
+      size: output spatial size ``(H_out, W_out)`` (or ``(D_out, H_out, W_out)``);
+        defaults to the input's.
+      transform: a name registered in `stn_jax.TRANSFORMS`.
+      align_corners: used for both the grid and the sampling.
+      **sampler_options: ``mode`` and ``padding_mode`` of `grid_sample`.
+
+    Example: ``warp(images, theta, (28, 28))`` crops/rotates/scales ``images`` by
+    the ``(B, 2, 3)`` affine matrices ``theta`` into 28x28 outputs.
+    """
+    t = transforms.get_transform(transform)
+    image = jnp.asarray(image)
+    if size is None:
+        size = image.shape[-t.spatial_dims - 1:-1]
+    grid = t.make_grid(params, size, align_corners=align_corners)
+    sample = grid_sample if t.spatial_dims == 2 else grid_sample_3d
+    return sample(image, grid, align_corners=align_corners, **sampler_options)
