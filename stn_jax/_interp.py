@@ -3,32 +3,39 @@
 Two JAX primitives, closed under differentiation, so forward and reverse mode
 work to any order (gradient penalties, Hessians):
 
-* ``interp_p(flat, *coords)`` reads a flattened channels-last image at points:
-  ``out[m, p, c] = sum_k flat[offset_m + idx_k(m, p) + c] * w_k(m, p)``, where
-  ``w_k`` is the product over spatial axes of a 1-D kernel factor, or of its
-  derivative for the axes whose ``orders`` entry is 1.
+* ``interp_p(flat, *coords)`` reads a flattened channels-last image at points,
+  once per entry of ``orders``:
+  ``out[j, m, p, c] = sum_k flat[offset_m + idx_k(m, p) + c] * w_jk(m, p)``,
+  where ``w_jk`` is the product over spatial axes of a 1-D kernel factor
+  (order 0) or of its derivative (order 1), as ``orders[j]`` says per axis.
+  Values and derivatives come from one pass over the same taps.
 * ``spread_p(ct, *coords)`` is its transpose in ``flat``: a scatter-add of
-  ``ct * w_k`` into a zero image (the image gradient of the sampler).
+  ``sum_j ct[j] * w_jk`` into a zero image (the image gradient).
 
 Shapes: ``flat`` is ``(L,)``, the channels-last images ``(N, *spatial, C)``
 raveled; each coordinate array is ``(M, P)``, one row of ``P`` points per
 sampled image, in pixel units (pixel ``i`` has centre ``i``; axis order is
 fastest-varying first: x, y[, z]); ``offsets[m]`` is where row ``m``'s image
-starts in ``flat``. Outputs are in the coordinates' dtype (float32 unless
-float64 is enabled), whatever the image dtype.
+starts in ``flat``; ``out`` and ``ct`` are ``(len(orders), M, P, C)`` in the
+coordinates' dtype (float32 unless float64 is enabled), whatever the image
+dtype.
 
 Kernels (per axis, point ``x``, image size ``s``):
 
 * ``linear``: taps at ``c = clip(floor(x), 0, s - 2)`` and ``c + 1``, weights
   ``max(0, 1 - |x - tap|)``; pixels outside the image contribute nothing
   (zero padding blended per corner, as in PyTorch). The derivative is the
-  right derivative (PyTorch's convention at integer coordinates).
+  right derivative (PyTorch's convention at integer coordinates); the second
+  derivative along an axis is zero.
 * ``nearest``: one tap at ``round(x)`` (half to even, as ``std::nearbyint``),
   weight 1 inside the image and 0 outside; the derivative is zero.
 
 NaN coordinates read nothing (output 0, gradient 0). The integer cell ``c`` is
 computed once and passed through a fusion barrier, so every gather, scatter
-and weight derives from the same value (see ``_cells``).
+and weight derives from the same value (see ``_fusion_barrier``).
+
+On CPU, float32 problems run native kernels (``stn_jax/_native``) unless
+``STN_JAX_CPU_SAMPLER=xla``; everywhere else the pure-JAX lowering below runs.
 """
 
 from __future__ import annotations
@@ -44,13 +51,15 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
+from stn_jax import _native
+
 _PROMISE = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 _NOT_MAPPED = None  # how batching rules mark an unmapped operand
 KERNELS = ("linear", "nearest")
 
 
 # --------------------------------------------------------------------------
-# Pure-JAX implementation (the lowering on every platform).
+# Pure-JAX implementation (the lowering on every platform but CPU-native).
 # --------------------------------------------------------------------------
 
 
@@ -85,59 +94,65 @@ def _linear_factor(u: jax.Array, order: int) -> jax.Array:
     return jnp.where((u >= -1) & (u < 0), one, jnp.where((u >= 0) & (u < 1), -one, 0 * one))
 
 
-def _taps(coords, sizes, kernel, orders):
-    """Per axis: the cell (int32, after the barrier) and a list of (tap, factor)."""
+def _axis_taps(coords, sizes, kernel, needed):
+    """Per axis: the cell (int32, computed once) and ``{(tap, order): factor}``."""
     xs = [jnp.where(jnp.isnan(x), -2.0, x).astype(x.dtype) for x in coords]
     if kernel == "linear":
         cells = [jnp.clip(jnp.floor(x), 0, max(s - 2, 0)).astype(jnp.int32) for x, s in zip(xs, sizes)]
     else:
         cells = [jnp.clip(jnp.round(x), 0, s - 1).astype(jnp.int32) for x, s in zip(xs, sizes)]
     cells = _fusion_barrier(cells, coords[0])
-    taps = []
-    for x, c, s, order in zip(xs, cells, sizes, orders):
-        t = x - c.astype(x.dtype)  # exact; the offset of x from its own cell
-        if kernel == "linear":
-            taps.append([(k, _linear_factor(t - k, order)) for k in range(min(s, 2))])
-        elif order == 0:
-            r = jnp.round(x)
-            taps.append([(0, ((r >= 0) & (r <= s - 1)).astype(x.dtype))])
-        else:
-            taps.append([(0, jnp.zeros_like(x))])
-    return cells, taps
-
-
-def _strides(sizes: Sequence[int], channels: int) -> list[int]:
-    return [channels * int(np.prod(sizes[:a])) for a in range(len(sizes))]
+    factors = []
+    for a, (x, c, s) in enumerate(zip(xs, cells, sizes)):
+        t = x - c.astype(x.dtype)  # exact: the offset of x from its own cell
+        taps = range(min(s, 2)) if kernel == "linear" else range(1)
+        f = {}
+        for k in taps:
+            for order in needed[a]:
+                if kernel == "linear":
+                    f[k, order] = _linear_factor(t - k, order)
+                elif order == 0:
+                    r = jnp.round(x)
+                    f[k, order] = ((r >= 0) & (r <= s - 1)).astype(x.dtype)
+                else:
+                    f[k, order] = jnp.zeros_like(x)
+        factors.append(f)
+    return cells, factors
 
 
 def _corners(coords, sizes, offsets, channels, kernel, orders):
-    """Yields (flat index of channel 0, weight), each (M, P), for every corner."""
-    cells, taps = _taps(coords, sizes, kernel, orders)
-    strides = _strides(sizes, channels)
+    """Yields (flat index of channel 0, [weight per order]), each (M, P), for every corner."""
+    ndim = len(coords)
+    needed = [sorted({o[a] for o in orders}) for a in range(ndim)]
+    cells, factors = _axis_taps(coords, sizes, kernel, needed)
+    strides = [channels * int(np.prod(sizes[:a])) for a in range(ndim)]
     base = sum(c * s for c, s in zip(cells, strides)) + jnp.asarray(offsets, jnp.int32)[:, None]
+    taps = [sorted({k for k, _ in f}) for f in factors]
     for corner in itertools.product(*taps):
-        shift = sum(k * s for (k, _), s in zip(corner, strides))
-        weight = functools.reduce(lambda a, b: a * b, [f for _, f in corner])
-        yield base + shift, weight
+        shift = sum(k * s for k, s in zip(corner, strides))
+        weights = [functools.reduce(lambda p, q: p * q, [factors[a][k, o[a]] for a, k in enumerate(corner)])
+                   for o in orders]
+        yield base + shift, weights
 
 
-def _interp_impl(flat, *coords, sizes, offsets, channels, kernel, orders):
+def _interp_impl(flat, *coords, sizes, offsets, channels, kernel, orders, cpu_impl):
     dtype = coords[0].dtype
     dn = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
-    out = [jnp.zeros(coords[0].shape, dtype)] * channels
-    for idx, weight in _corners(coords, sizes, offsets, channels, kernel, orders):
+    out = [[jnp.zeros(coords[0].shape, dtype)] * channels for _ in orders]
+    for idx, weights in _corners(coords, sizes, offsets, channels, kernel, orders):
         for ch in range(channels):
-            v = lax.gather(flat, (idx + ch)[..., None], dn, (1,), mode=_PROMISE)
-            out[ch] = out[ch] + v.astype(dtype) * weight
-    return jnp.stack(out, -1)
+            v = lax.gather(flat, (idx + ch)[..., None], dn, (1,), mode=_PROMISE).astype(dtype)
+            for j, w in enumerate(weights):
+                out[j][ch] = out[j][ch] + v * w
+    return jnp.stack([jnp.stack(o, -1) for o in out])
 
 
-def _spread_impl(ct, *coords, sizes, offsets, channels, kernel, orders, length):
+def _spread_impl(ct, *coords, sizes, offsets, channels, kernel, orders, cpu_impl, length):
     dn = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,))
     idx, upd = [], []
-    for i, weight in _corners(coords, sizes, offsets, channels, kernel, orders):
+    for i, weights in _corners(coords, sizes, offsets, channels, kernel, orders):
         idx.append(i[..., None] + jnp.arange(channels, dtype=jnp.int32))
-        upd.append(ct * weight[..., None])
+        upd.append(sum(ct[j] * w[..., None] for j, w in enumerate(weights)))
     idx = jnp.stack(idx, -2)  # (M, P, K, C): one scatter for all corners and channels
     upd = jnp.stack(upd, -2)
     return lax.scatter_add(jnp.zeros((length,), ct.dtype), idx[..., None], upd, dn, mode=_PROMISE)
@@ -152,13 +167,13 @@ spread_p = Primitive("stn_spread")
 
 
 @interp_p.def_abstract_eval
-def _interp_abstract(flat, *coords, sizes, offsets, channels, kernel, orders):
+def _interp_abstract(flat, *coords, sizes, offsets, channels, kernel, orders, cpu_impl):
     m, p = coords[0].shape
-    return jax.core.ShapedArray((m, p, channels), coords[0].dtype)
+    return jax.core.ShapedArray((len(orders), m, p, channels), coords[0].dtype)
 
 
 @spread_p.def_abstract_eval
-def _spread_abstract(ct, *coords, sizes, offsets, channels, kernel, orders, length):
+def _spread_abstract(ct, *coords, sizes, offsets, channels, kernel, orders, cpu_impl, length):
     return jax.core.ShapedArray((length,), ct.dtype)
 
 
@@ -173,56 +188,97 @@ def _eager(prim):
 
 interp_p.def_impl(_eager(interp_p))
 spread_p.def_impl(_eager(spread_p))
-mlir.register_lowering(interp_p, mlir.lower_fun(_interp_impl, multiple_results=False))
-mlir.register_lowering(spread_p, mlir.lower_fun(_spread_impl, multiple_results=False))
+_xla_interp = mlir.lower_fun(_interp_impl, multiple_results=False)
+_xla_spread = mlir.lower_fun(_spread_impl, multiple_results=False)
+mlir.register_lowering(interp_p, _xla_interp)
+mlir.register_lowering(spread_p, _xla_spread)
+
+
+def _cpu_lowering(name: str, xla_rule):
+    """Native kernel for float32 on CPU when chosen and available, else the XLA lowering."""
+
+    def rule(ctx, *args, sizes, offsets, channels, kernel, orders, cpu_impl, **rest):
+        params = dict(sizes=sizes, offsets=offsets, channels=channels, kernel=kernel, orders=orders)
+        native = (cpu_impl == "native" and all(a.dtype == np.float32 for a in ctx.avals_in)
+                  and _native.available())
+        if not native:
+            return xla_rule(ctx, *args, cpu_impl=cpu_impl, **params, **rest)
+        return jax.ffi.ffi_lowering(f"stn_{name}_f32")(
+            ctx, *args, sizes=np.asarray(sizes, np.int64), offsets=np.asarray(offsets, np.int64),
+            orders=np.asarray(orders, np.int64).reshape(-1), channels=np.int64(channels),
+            kernel=np.int64(KERNELS.index(kernel)))
+
+    return rule
+
+
+mlir.register_lowering(interp_p, _cpu_lowering("interp", _xla_interp), platform="cpu")
+mlir.register_lowering(spread_p, _cpu_lowering("spread", _xla_spread), platform="cpu")
 
 
 # --------------------------------------------------------------------------
-# Differentiation: each primitive's derivative is the other, or itself with
-# one more derivative order on an axis (the kernel's second derivative is 0).
+# Differentiation. The derivative of interp along axis a raises order a by
+# one (zero if it is already 1, or for the nearest kernel); the derivative
+# of spread likewise; each is the other's transpose in the image.
 # --------------------------------------------------------------------------
 
 
-def _raise(orders, axis):
-    return tuple(o + (a == axis) for a, o in enumerate(orders))
+def _with_derivatives(orders, kernel, active_axes):
+    """All orders plus their first derivatives along ``active_axes``; and where each sits.
 
-
-def _coord_terms(params):
-    """Axes whose derivative is non-zero: linear kernel, not yet differentiated."""
-    if params["kernel"] != "linear":
-        return []
-    return [a for a, o in enumerate(params["orders"]) if o == 0]
-
-
-def _zero_if_symbolic(t, like):
-    return jnp.zeros(like.shape, like.dtype) if type(t) is ad.Zero else t
+    Returns ``(all_orders, deriv)`` with ``deriv[j][a]`` the index in
+    ``all_orders`` of d(orders[j]) / d(axis a), or None when that derivative is zero.
+    """
+    all_orders = list(orders)
+    deriv = []
+    for o in orders:
+        row = {}
+        for a in active_axes:
+            if kernel != "linear" or o[a] != 0:
+                row[a] = None
+                continue
+            raised = tuple(v + (b == a) for b, v in enumerate(o))
+            if raised not in all_orders:
+                all_orders.append(raised)
+            row[a] = all_orders.index(raised)
+        deriv.append(row)
+    return tuple(all_orders), deriv
 
 
 def _interp_jvp(primals, tangents, **params):
     flat, *coords = primals
     tflat, *tcoords = tangents
-    out = interp_p.bind(flat, *coords, **params)
+    n = len(params["orders"])
+    active = [a for a, t in enumerate(tcoords) if type(t) is not ad.Zero]
+    all_orders, deriv = _with_derivatives(params["orders"], params["kernel"], active)
+    full = interp_p.bind(flat, *coords, **{**params, "orders": all_orders})
+    out = full[:n]
     tout = jnp.zeros_like(out)
     if type(tflat) is not ad.Zero:
         tout = tout + interp_p.bind(tflat, *coords, **params)
-    for a in _coord_terms(params):
-        if type(tcoords[a]) is not ad.Zero:
-            deriv = interp_p.bind(flat, *coords, **{**params, "orders": _raise(params["orders"], a)})
-            tout = tout + deriv * tcoords[a][..., None]
+    for j in range(n):
+        for a in active:
+            if deriv[j][a] is not None:
+                tout = tout.at[j].add(full[deriv[j][a]] * tcoords[a][..., None])
     return out, tout
 
 
 def _spread_jvp(primals, tangents, **params):
     ct, *coords = primals
     tct, *tcoords = tangents
+    active = [a for a, t in enumerate(tcoords) if type(t) is not ad.Zero]
+    all_orders, deriv = _with_derivatives(params["orders"], params["kernel"], active)
     out = spread_p.bind(ct, *coords, **params)
     tout = jnp.zeros_like(out)
     if type(tct) is not ad.Zero:
         tout = tout + spread_p.bind(tct, *coords, **params)
-    for a in _coord_terms(params):
-        if type(tcoords[a]) is not ad.Zero:
-            raised = {**params, "orders": _raise(params["orders"], a)}
-            tout = tout + spread_p.bind(ct * tcoords[a][..., None], *coords, **raised)
+    # d/dx_a sum_j scatter(ct_j * w_j) = sum_j scatter(ct_j * dx_a * w_{raise_a(j)}): one spread.
+    stacked = jnp.zeros((len(all_orders),) + ct.shape[1:], ct.dtype)
+    for j in range(len(params["orders"])):
+        for a in active:
+            if deriv[j][a] is not None:
+                stacked = stacked.at[deriv[j][a]].add(ct[j] * tcoords[a][..., None])
+    if any(d is not None for row in deriv for d in row.values()):
+        tout = tout + spread_p.bind(stacked, *coords, **{**params, "orders": all_orders})
     return out, tout
 
 
@@ -231,8 +287,7 @@ def _interp_transpose(ct, flat, *coords, **params):
         raise ValueError("stn_interp is not linear in its coordinates")
     if type(ct) is ad.Zero:
         return (None,) + (None,) * len(coords)
-    length = flat.aval.shape[0]
-    g = spread_p.bind(ct, *coords, **params, length=length).astype(flat.aval.dtype)
+    g = spread_p.bind(ct, *coords, **params, length=flat.aval.shape[0]).astype(flat.aval.dtype)
     return (g,) + (None,) * len(coords)
 
 
@@ -258,12 +313,11 @@ ad.primitive_transposes[spread_p] = _spread_transpose
 # --------------------------------------------------------------------------
 
 
-def _fold_coords(coords, dims, size):
-    out = []
-    for c, d in zip(coords, dims):
-        c = jnp.broadcast_to(c, (size,) + c.shape) if d is _NOT_MAPPED else jnp.moveaxis(c, d, 0)
-        out.append(c.reshape((-1,) + c.shape[2:]))
-    return out
+def _fold(x, dim, size, axis):
+    """Moves the mapped axis of ``x`` (or a broadcast one) to ``axis`` and merges it with the next."""
+    x = jnp.broadcast_to(x, (size,) + x.shape) if dim is _NOT_MAPPED else jnp.moveaxis(x, dim, 0)
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
 def _folded_offsets(offsets, size, length, image_mapped):
@@ -271,27 +325,33 @@ def _folded_offsets(offsets, size, length, image_mapped):
     return tuple(b * step + o for b in range(size) for o in offsets)
 
 
+def _mapped_size(args, dims):
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
+
+
 def _interp_batch(args, dims, **params):
     flat, *coords = args
     fdim, *cdims = dims
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
-    length = flat.shape[-1] if fdim is _NOT_MAPPED else flat.shape[1 - fdim]
-    if fdim is not _NOT_MAPPED:
+    size = _mapped_size(args, dims)
+    mapped = fdim is not _NOT_MAPPED
+    length = flat.shape[1 - fdim] if mapped else flat.shape[0]
+    if mapped:
         flat = jnp.moveaxis(flat, fdim, 0).reshape(-1)
-    offsets = _folded_offsets(params["offsets"], size, length, fdim is not _NOT_MAPPED)
-    out = interp_p.bind(flat, *_fold_coords(coords, cdims, size), **{**params, "offsets": offsets})
-    return out.reshape((size, -1) + out.shape[1:]), 0
+    coords = [_fold(c, d, size, 0) for c, d in zip(coords, cdims)]
+    offsets = _folded_offsets(params["offsets"], size, length, mapped)
+    out = interp_p.bind(flat, *coords, **{**params, "offsets": offsets})  # (n, size * M, P, C)
+    return out.reshape(out.shape[:1] + (size, -1) + out.shape[2:]), 1
 
 
 def _spread_batch(args, dims, **params):
     ct, *coords = args
     ctdim, *cdims = dims
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not _NOT_MAPPED)
-    ct = jnp.broadcast_to(ct, (size,) + ct.shape) if ctdim is _NOT_MAPPED else jnp.moveaxis(ct, ctdim, 0)
-    ct = ct.reshape((-1,) + ct.shape[2:])
+    size = _mapped_size(args, dims)
+    ct = _fold(ct, ctdim, size, 1)  # (n, size * M, P, C)
+    coords = [_fold(c, d, size, 0) for c, d in zip(coords, cdims)]
     length = params["length"]
     offsets = _folded_offsets(params["offsets"], size, length, True)
-    out = spread_p.bind(ct, *_fold_coords(coords, cdims, size), **{**params, "offsets": offsets, "length": size * length})
+    out = spread_p.bind(ct, *coords, **{**params, "offsets": offsets, "length": size * length})
     return out.reshape(size, length), 0
 
 
@@ -322,5 +382,6 @@ def interpolate(flat, coords, *, sizes, offsets, channels, kernel="linear"):
             f"the images hold {flat.size} elements; the sampler indexes with int32 "
             "(at most 2**31 - 1): sample the batch in chunks")
     params = dict(sizes=tuple(int(s) for s in sizes), offsets=tuple(int(o) for o in offsets),
-                  channels=int(channels), kernel=kernel, orders=(0,) * len(coords))
-    return interp_p.bind(flat, *coords, **params)
+                  channels=int(channels), kernel=kernel, orders=((0,) * len(coords),),
+                  cpu_impl=_native.cpu_sampler())
+    return interp_p.bind(flat, *coords, **params)[0]

@@ -1,0 +1,310 @@
+// Native CPU kernels for stn_jax's interpolation primitives (XLA FFI).
+//
+// Same semantics as the pure-JAX lowering in stn_jax/_interp.py, which is the
+// reference (see its docstring): `interp` reads a flattened channels-last
+// image at points with a separable kernel (tent or nearest), once per entry
+// of `orders` (which axes take the kernel's derivative instead), sharing the
+// taps and reads; `spread` is its transpose, a scatter-add.
+//
+// Work is split over XLA's intra-op thread pool. `interp` writes disjoint
+// outputs; `spread` gives all rows that share an image to one task, visited in
+// a fixed order, so results are bit-identical from run to run.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxDims = 3;
+constexpr int kMaxOrders = 8;    // value + derivatives: at most 1 + 3 + 3 + 1
+constexpr int kMaxChannels = 8;  // register accumulators; more channels use memory
+constexpr int64_t kChunk = 2048;  // points per interp task
+
+inline float Tent(float u) { return std::max(0.0f, 1.0f - std::fabs(u)); }
+
+// Branch-free: coordinates are data, so branches here would mispredict.
+inline float TentRightDerivative(float u) {
+  const float rising = static_cast<float>((u >= -1.0f) & (u < 0.0f));
+  const float falling = static_cast<float>((u >= 0.0f) & (u < 1.0f));
+  return rising - falling;
+}
+
+struct Problem {
+  int ndim;
+  int64_t size[kMaxDims];    // per axis, x first
+  int64_t stride[kMaxDims];  // in elements
+  int n_orders;
+  int orders[kMaxOrders][kMaxDims];
+  int64_t rows;      // M
+  int64_t points;    // P per row
+  int64_t channels;  // C
+  bool nearest;
+  bool derivative[kMaxDims];  // whether any order differentiates along the axis
+  const float* coords[kMaxDims];
+};
+
+// The corners a point reads: element offsets from its image's start and, per
+// order, the weight of each corner. Corners enumerate x taps outermost, as
+// the pure-JAX lowering does (itertools.product over x, y, z). The linear
+// kernel always has two taps per axis (on a size-1 axis the second repeats
+// the first with weight 0), the nearest kernel one, so loops unroll.
+struct Corners {
+  int64_t offset[8];
+  float weight[kMaxOrders][8];
+};
+
+template <int kDims, int kTaps>
+inline void PointCorners(const Problem& p, int64_t i, bool values_only, Corners* out) {
+  int64_t off[kDims][2];
+  float fac[kDims][2][2];  // [axis][order][tap]
+  for (int a = 0; a < kDims; ++a) {
+    float x = p.coords[a][i];
+    if (std::isnan(x)) x = -2.0f;
+    const int64_t size = p.size[a];
+    if constexpr (kTaps == 2) {
+      const float cell = std::min(std::max(std::floor(x), 0.0f), static_cast<float>(std::max<int64_t>(size - 2, 0)));
+      const float t = x - cell;
+      const int64_t c = static_cast<int64_t>(cell);
+      const bool single = size < 2;
+      off[a][0] = c * p.stride[a];
+      off[a][1] = single ? off[a][0] : off[a][0] + p.stride[a];
+      fac[a][0][0] = Tent(t);
+      fac[a][0][1] = single ? 0.0f : Tent(t - 1.0f);
+      if (p.derivative[a]) {
+        fac[a][1][0] = TentRightDerivative(t);
+        fac[a][1][1] = single ? 0.0f : TentRightDerivative(t - 1.0f);
+      }
+    } else {
+      const float r = std::nearbyint(x);  // half to even
+      const float hi = static_cast<float>(size - 1);
+      off[a][0] = static_cast<int64_t>(std::min(std::max(r, 0.0f), hi)) * p.stride[a];
+      fac[a][0][0] = (r >= 0.0f && r <= hi) ? 1.0f : 0.0f;
+      fac[a][1][0] = 0.0f;
+    }
+  }
+  constexpr int kCorners = kDims == 2 ? kTaps * kTaps : kTaps * kTaps * kTaps;
+  for (int k = 0; k < kCorners; ++k) {
+    int tap[kDims];
+    int rest = k;
+    for (int a = kDims - 1; a >= 0; --a) {  // x outermost: the last axis varies fastest
+      tap[a] = rest % kTaps;
+      rest /= kTaps;
+    }
+    int64_t o = 0;
+    for (int a = 0; a < kDims; ++a) o += off[a][tap[a]];
+    out->offset[k] = o;
+    if (values_only) {
+      float w = fac[0][0][tap[0]];
+      for (int a = 1; a < kDims; ++a) w *= fac[a][0][tap[a]];
+      out->weight[0][k] = w;
+      continue;
+    }
+    for (int j = 0; j < p.n_orders; ++j) {
+      float w = fac[0][p.orders[j][0]][tap[0]];
+      for (int a = 1; a < kDims; ++a) w *= fac[a][p.orders[j][a]][tap[a]];
+      out->weight[j][k] = w;
+    }
+  }
+}
+
+// Runs fn(task) for task in [0, n_tasks) on the caller and the pool. The
+// caller takes tasks too and waits only for tasks already started, so it
+// never waits on work queued behind it (no deadlock on a busy pool); helpers
+// that start late find nothing left and touch no caller state.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n_tasks) - 1;
+  if (helpers <= 0) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n_tasks, &fn]() {
+    for (;;) {
+      const int64_t t = state->next.fetch_add(1);
+      if (t >= n_tasks) return;
+      fn(t);
+      if (state->done.fetch_add(1) + 1 == n_tasks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([state, n_tasks, work]() {
+      if (state->next.load() < n_tasks) work();
+    });
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n_tasks; });
+}
+
+ffi::Error MakeProblem(const ffi::RemainingArgs& coord_args, ffi::Span<const int64_t> sizes,
+                       ffi::Span<const int64_t> orders, int64_t channels, int64_t kernel,
+                       int64_t n_offsets, Problem* p) {
+  p->ndim = static_cast<int>(coord_args.size());
+  if (p->ndim < 2 || p->ndim > kMaxDims || static_cast<int64_t>(sizes.size()) != p->ndim ||
+      orders.size() % p->ndim != 0 || orders.size() / p->ndim > kMaxOrders || orders.size() == 0) {
+    return ffi::Error::InvalidArgument("stn: expected 2 or 3 coordinate arrays matching sizes and orders");
+  }
+  p->n_orders = static_cast<int>(orders.size() / p->ndim);
+  for (int a = 0; a < p->ndim; ++a) p->derivative[a] = false;
+  for (int j = 0; j < p->n_orders; ++j) {
+    for (int a = 0; a < p->ndim; ++a) {
+      const int64_t o = orders[j * p->ndim + a];
+      if (o != 0 && o != 1) return ffi::Error::InvalidArgument("stn: derivative orders must be 0 or 1");
+      p->orders[j][a] = o;
+      p->derivative[a] = p->derivative[a] || o == 1;
+    }
+  }
+  int64_t stride = channels;
+  for (int a = 0; a < p->ndim; ++a) {
+    auto buf = coord_args.get<ffi::Buffer<ffi::F32>>(a);
+    if (!buf.has_value()) return buf.error();
+    auto dims = buf->dimensions();
+    if (dims.size() != 2) return ffi::Error::InvalidArgument("stn: coordinates must be (M, P)");
+    if (a == 0) {
+      p->rows = dims[0];
+      p->points = dims[1];
+    } else if (dims[0] != p->rows || dims[1] != p->points) {
+      return ffi::Error::InvalidArgument("stn: coordinate arrays differ in shape");
+    }
+    p->coords[a] = buf->typed_data();
+    p->size[a] = sizes[a];
+    p->stride[a] = stride;
+    stride *= sizes[a];
+  }
+  if (n_offsets != p->rows) return ffi::Error::InvalidArgument("stn: one offset per row expected");
+  p->channels = channels;
+  p->nearest = kernel == 1;
+  return ffi::Error::Success();
+}
+
+template <int kDims, int kTaps>
+void InterpRows(ffi::ThreadPool& pool, const Problem& p, const float* image, const int64_t* offsets,
+                float* result) {
+  constexpr int kCorners = kDims == 2 ? kTaps * kTaps : kTaps * kTaps * kTaps;
+  const int64_t per_row = (p.points + kChunk - 1) / kChunk;
+  const int64_t channels = p.channels;
+  const int64_t plane = p.rows * p.points * channels;  // one output per order
+  const int n_orders = p.n_orders;
+  const bool values_only = n_orders == 1 && !p.derivative[0] && !p.derivative[1] && !p.derivative[kDims - 1];
+  ParallelFor(pool, p.rows * per_row, [&](int64_t task) {
+    const int64_t m = task / per_row;
+    const int64_t begin = m * p.points + (task % per_row) * kChunk;
+    const int64_t end = std::min(begin + kChunk, (m + 1) * p.points);
+    const float* img = image + offsets[m];
+    Corners cs;
+    for (int64_t i = begin; i < end; ++i) {
+      PointCorners<kDims, kTaps>(p, i, values_only, &cs);
+      for (int j = 0; j < n_orders; ++j) {
+        float* o = result + j * plane + i * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          float acc = 0.0f;
+          for (int k = 0; k < kCorners; ++k) acc += img[cs.offset[k] + c] * cs.weight[j][k];
+          o[c] = acc;
+        }
+      }
+    }
+  });
+}
+
+template <int kDims, int kTaps>
+void SpreadRows(ffi::ThreadPool& pool, const Problem& p, const float* cot, const int64_t* offsets,
+                float* grad) {
+  constexpr int kCorners = kDims == 2 ? kTaps * kTaps : kTaps * kTaps * kTaps;
+  // Rows reading the same image form one task, so no two tasks write the same memory.
+  std::map<int64_t, std::vector<int64_t>> by_image;
+  for (int64_t m = 0; m < p.rows; ++m) by_image[offsets[m]].push_back(m);
+  std::vector<const std::vector<int64_t>*> groups;
+  for (const auto& kv : by_image) groups.push_back(&kv.second);
+  const int64_t channels = p.channels;
+  const int64_t plane = p.rows * p.points * channels;
+  const int n_orders = p.n_orders;
+  const bool values_only = n_orders == 1 && !p.derivative[0] && !p.derivative[1] && !p.derivative[kDims - 1];
+  ParallelFor(pool, static_cast<int64_t>(groups.size()), [&](int64_t g) {
+    Corners cs;
+    for (int64_t m : *groups[g]) {
+      float* img = grad + offsets[m];
+      for (int64_t i = m * p.points; i < (m + 1) * p.points; ++i) {
+        PointCorners<kDims, kTaps>(p, i, values_only, &cs);
+        for (int64_t c = 0; c < channels; ++c) {
+          for (int k = 0; k < kCorners; ++k) {
+            float update = 0.0f;
+            for (int j = 0; j < n_orders; ++j) update += cot[j * plane + i * channels + c] * cs.weight[j][k];
+            img[cs.offset[k] + c] += update;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Instantiates `Rows<kDims, kTaps>` for the problem's dimensionality and kernel.
+#define STN_DISPATCH(Rows, ...)                                              \
+  if (p.ndim == 2) {                                                        \
+    p.nearest ? Rows<2, 1>(__VA_ARGS__) : Rows<2, 2>(__VA_ARGS__);          \
+  } else {                                                                  \
+    p.nearest ? Rows<3, 1>(__VA_ARGS__) : Rows<3, 2>(__VA_ARGS__);          \
+  }
+
+ffi::Error Interp(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> flat, ffi::RemainingArgs coord_args,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> sizes,
+                  ffi::Span<const int64_t> offsets, ffi::Span<const int64_t> orders, int64_t channels,
+                  int64_t kernel) {
+  Problem p;
+  if (auto err = MakeProblem(coord_args, sizes, orders, channels, kernel, offsets.size(), &p); !err.success()) {
+    return err;
+  }
+  STN_DISPATCH(InterpRows, pool, p, flat.typed_data(), offsets.begin(), out->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Spread(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::RemainingArgs coord_args,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> sizes,
+                  ffi::Span<const int64_t> offsets, ffi::Span<const int64_t> orders, int64_t channels,
+                  int64_t kernel) {
+  Problem p;
+  if (auto err = MakeProblem(coord_args, sizes, orders, channels, kernel, offsets.size(), &p); !err.success()) {
+    return err;
+  }
+  float* grad = out->typed_data();
+  std::fill(grad, grad + out->element_count(), 0.0f);
+  STN_DISPATCH(SpreadRows, pool, p, ct.typed_data(), offsets.begin(), grad);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define STN_BIND                               \
+  ffi::Ffi::Bind()                             \
+      .Ctx<ffi::ThreadPool>()                  \
+      .Arg<ffi::Buffer<ffi::F32>>()            \
+      .RemainingArgs()                         \
+      .Ret<ffi::Buffer<ffi::F32>>()            \
+      .Attr<ffi::Span<const int64_t>>("sizes")   \
+      .Attr<ffi::Span<const int64_t>>("offsets") \
+      .Attr<ffi::Span<const int64_t>>("orders")  \
+      .Attr<int64_t>("channels")               \
+      .Attr<int64_t>("kernel")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StnInterpF32, Interp, STN_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StnSpreadF32, Spread, STN_BIND);
