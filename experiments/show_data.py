@@ -1,0 +1,129 @@
+"""Writes a grid of samples of a config's data set, with labels (docs/data.md).
+
+    python -m experiments.show_data --config configs/distorted_mnist.py:rts,st_cnn,affine \\
+        --config.data.source=../shared/data/mnist --out docs/images/data_rts.png
+    python -m experiments.show_data --config configs/mnist_addition.py --split test --out addition.png
+
+2-D images are shown in grey with their label; addition pairs as a colour
+composite (first digit red, second green) titled ``a+b=sum``; 3-D volumes as
+two maximum-intensity projections side by side (along depth: the digit as a
+2-D transformer would see it; along height: its depth extent);
+co-localisation images with the digit's frame box (red) and ink box (green).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=True)
+flags.DEFINE_string("out", None, "PNG file to write.")
+flags.DEFINE_enum("split", "train", ["train", "test"], "Training batch (of --step) or the fixed test set's first examples.")
+flags.DEFINE_integer("step", 0, "Training step whose batch is shown (--split=train).")
+flags.DEFINE_integer("rows", 8, "Grid rows.")
+flags.DEFINE_integer("cols", 8, "Grid columns.")
+flags.DEFINE_float("scale", 1.0, "Figure size multiplier.")
+flags.mark_flags_as_required(["config", "out"])
+FLAGS = flags.FLAGS
+
+
+def sample_batch(config, split: str, step: int, count: int) -> dict:
+    """``count`` examples of the config's data: training batch ``step`` or the test set's first ones."""
+    from stn_jax.data import make_dataset
+
+    data = config.data.to_dict()
+    if split == "test":
+        # Test example i does not depend on test_size: the first `count` equal the full set's first `count`.
+        size = data.get("test_size", -1)
+        data["test_size"] = count if size == -1 else min(count, size)
+    dataset = make_dataset(data, seed=config.get("seed", 0), global_batch_size=count, cache_dir=None)
+    if split == "test":
+        return dataset.generate_test_set(with_params=True), dataset
+    return dataset.train_batch(step, with_params=True), dataset
+
+
+def _panel(batch: dict, i: int, task: str) -> tuple[np.ndarray, str]:
+    image = np.asarray(batch["image"][i])
+    label = int(batch["label"][i])
+    if task == "addition":
+        a, b = (int(v) for v in batch["params"]["labels"][i])
+        rgb = np.zeros(image.shape[:2] + (3,), np.float32)
+        rgb[..., 0], rgb[..., 1] = image[..., 0], image[..., 1]
+        return rgb, f"{a}+{b}={label}"
+    if task == "mnist3d":
+        vol = image[..., 0]  # (D, H, W)
+        front = vol.max(axis=0)  # along depth: (H, W)
+        top = vol.max(axis=1)  # along height: (D, W)
+        gap = np.ones((front.shape[0], 2), np.float32) * 0.5
+        return np.concatenate([front, gap, top], axis=1), str(label)
+    return image[..., 0], str(label)
+
+
+def render(batch: dict, task: str, rows: int, cols: int, title: str, out: Path, scale: float = 1.0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = min(rows * cols, len(batch["label"]))
+    wide = 2.0 if task == "mnist3d" else 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.05 * wide * scale, rows * 1.15 * scale + 0.4),
+                             squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.set_axis_off()
+        if k >= n:
+            continue
+        panel, text = _panel(batch, k, task)
+        ax.imshow(panel, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(text, fontsize=8, pad=2)
+        if task == "coloc":
+            size = panel.shape[0]
+            for key, colour in (("box", "red"), ("ink_box", "lime")):
+                x0, y0, x1, y1 = ((np.asarray(batch[key][k]) + 1) * size - 1) / 2  # normalised -> pixel
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=0.8))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97), pad=0.2, h_pad=0.2, w_pad=0.1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=72)
+    plt.close(fig)
+    from PIL import Image  # a 64-colour palette: the pictures stay small in the repository
+
+    with Image.open(out) as im:
+        small = im.convert("RGB").quantize(colors=64)
+    small.save(out, optimize=True)
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = FLAGS.config
+    count = FLAGS.rows * FLAGS.cols
+    from stn_jax.data import MnistSourceError
+
+    try:
+        batch, dataset = sample_batch(config, FLAGS.split, FLAGS.step, count)
+    except MnistSourceError as e:  # no data: say how to get it, without a traceback
+        raise SystemExit(f"error: {e}") from None
+    p = dataset.params
+    shape = "x".join(str(s) for s in dataset.image_shape)
+    where = f"train step {FLAGS.step}" if FLAGS.split == "train" else "test set"
+    title = f"task {dataset.task}: {shape}, {where}"
+    if dataset.task == "mnist3d":
+        title += " (max along depth | along height)" + (", rotated" if p["rotate_3d"] else "")
+    if dataset.task in ("tc", "coloc"):
+        title += f", {p['num_clutter']} clutter {p['clutter_size']}x{p['clutter_size']}"
+    render(batch, dataset.task, FLAGS.rows, FLAGS.cols, title, Path(FLAGS.out), FLAGS.scale)
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    try:
+        from experiments.cli import run  # one-line errors for bad config arguments and overrides
+    except ImportError:  # pragma: no cover
+        from absl.app import run
+    run(main)
