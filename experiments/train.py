@@ -1,0 +1,55 @@
+"""Trains (and evaluates) one experiment from a config file.
+
+    python -m experiments.train --config configs/distorted_mnist.py:rts,st_cnn,affine --workdir workdirs/rts
+    python -m experiments.train --config configs/quickstart.py --workdir workdirs/quickstart \\
+        --config.data.source=../shared/data/mnist --config.total_steps=500
+
+Started again with the same workdir, a run resumes from its latest checkpoint.
+Several processes (hosts) form one run when each is given
+``--coordinator_address``, ``--num_processes`` and its ``--process_id``
+(on GPU/TPU clusters that set the usual environment, ``--distributed`` alone).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from experiments.cli import run
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster environments).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def initialize_distributed() -> None:
+    """Joins the processes of a multi-process run (no-op for a single process)."""
+    if FLAGS.coordinator_address or FLAGS.distributed:
+        if jax.default_backend() == "cpu" or FLAGS.coordinator_address:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need it for collectives
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    initialize_distributed()
+    from stn_jax import train  # after distributed initialisation
+
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if jax.process_index() == 0:
+        print(f"test_error={result['error']!r} test_loss={result['loss']!r}")
+
+
+if __name__ == "__main__":
+    run(main)
