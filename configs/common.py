@@ -70,8 +70,14 @@ def split_tiny(arg: str) -> tuple[str, bool]:
     return ",".join(parts[:-1] if tiny else parts), tiny
 
 
+def finish(c: ml_collections.ConfigDict, tiny: bool) -> ml_collections.ConfigDict:
+    """Adds the evaluation-only data key and applies the ``tiny`` variant."""
+    c.data.test_npz = ""  # experiments.evaluate: score a .npz of `images` and `labels` instead of the test split
+    return shrink_for_local_run(c) if tiny else c
+
+
 def shrink_for_local_run(c: ml_collections.ConfigDict, steps: int = 60) -> ml_collections.ConfigDict:
-    """The ``tiny`` variant: a few small steps, a small model and test set, to check a setup end to end."""
+    """The ``tiny`` variant: a few small steps and a small test set, to check a setup end to end."""
     c.batch_size = 32
     c.total_steps = steps
     c.log_every = 10
@@ -79,6 +85,5 @@ def shrink_for_local_run(c: ml_collections.ConfigDict, steps: int = 60) -> ml_co
     c.checkpoint_every = steps // 2
     c.eval_batch_size = 250
     c.optimizer.decay_every = max(steps // 2, 1)
-    c.model.options.param_budget = 40_000
     c.data.test_size = 500
     return c

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import model_config, shrink_for_local_run, split_tiny, training_config
+from configs.common import finish, model_config, shrink_for_local_run, split_tiny, training_config
 from stn_jax.data import default_config
 
 MODELS = ("st3d",)
@@ -37,6 +37,7 @@ def get_config(arg: str = "st3d") -> ml_collections.ConfigDict:
     c.eval_batch_size = 100
     c.model = model_config(model, "affine3d")
     c.data = default_config("mnist3d")
+    finish(c, tiny=False)
     if tiny:
         shrink_for_local_run(c, steps=20)
         c.batch_size = 8

@@ -3,12 +3,17 @@
 `run(main)` is `absl.app.run` with a flag parser that turns a bad
 ``--config.<key>=...`` override, or a config file that rejects its arguments
 (unknown task, model or transform), into a one-line error naming the valid
-choices instead of a traceback.
+choices instead of a traceback. Errors that report bad input or a stopped run
+(``ValueError``, ``FileNotFoundError``, a non-finite loss, missing data, an
+unreadable checkpoint) are printed the same way, with exit status 1; set
+``STN_JAX_TRACEBACK=1`` to see their tracebacks.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 import sys
 from typing import Callable
 
@@ -49,10 +54,26 @@ def _override_error(argv: list[str]) -> str | None:
     return None
 
 
+def _config_file_error(argv: list[str]) -> str | None:
+    """The message of a config file that rejects its arguments (ml_collections wraps it with a traceback)."""
+    for i, arg in enumerate(argv):
+        spec = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+        if spec:
+            try:
+                _load_config(spec)
+            except ValueError as e:
+                return str(e)
+    return None
+
+
 def _parse(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error:
+        message = _config_file_error(argv)
+        if message:
+            raise SystemExit(f"error: {message}") from None
         raise
     except (AttributeError, KeyError) as e:
         message = _override_error(argv)
@@ -61,8 +82,29 @@ def _parse(argv: list[str]) -> list[str]:
         raise SystemExit(f"error: {e}") from None
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that carry a complete message for the user (bad input, missing files, a stopped run)."""
+    from stn_jax.data import MnistSourceError
+    from stn_jax.train import CheckpointError, NonFiniteLossError
+
+    return ValueError, FileNotFoundError, NonFiniteLossError, MnistSourceError, CheckpointError
+
+
+def _reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    @functools.wraps(main)
+    def wrapped(argv):
+        try:
+            main(argv)
+        except _user_errors() as e:
+            if os.environ.get("STN_JAX_TRACEBACK"):
+                raise
+            raise SystemExit(f"error: {e}") from None
+
+    return wrapped
+
+
 def run(main: Callable[[list[str]], None]) -> None:
-    app.run(main, flags_parser=_parse)
+    app.run(_reporting(main), flags_parser=_parse)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def run_cell(cell: Cell, seed: int, args) -> dict:
     command = [sys.executable, "-m", "experiments.train", f"--config=configs/{cell.config}.py:{cell.arg}",
                f"--workdir={workdir}", f"--config.seed={seed}", f"--config.data.source={args.source}",
                f"--config.total_steps={args.steps}", f"--config.batch_size={args.batch_size}",
-               f"--config.eval_every={every}", f"--config.checkpoint_every={every}",
+               f"--config.eval_every={every}", f"--config.checkpoint_every={min(every, 100)}",
+               f"--config.log_every={max(args.steps // 40, 1)}",
                f"--config.data.cache_dir={Path(args.workroot) / 'data_cache'}"]
     print(f"[reproduce] {' '.join(command[1:])}", flush=True)
     start = time.time()
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150_000, help="total_steps per run (paper: 150000)")
     parser.add_argument("--batch_size", type=int, default=256, help="batch size (paper: 256)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the CNN and ST-CNN cells (paper: 3)")
-    parser.add_argument("--evals", type=int, default=6, help="test evaluations (and checkpoints) per run")
+    parser.add_argument("--evals", type=int, default=2, help="test evaluations (and checkpoints) per run")
     parser.add_argument("--workroot", default="workdirs/reproduce", help="where the runs' workdirs go")
     parser.add_argument("--dry_run", action="store_true", help="list the runs, mark the finished ones, run nothing")
     parser.add_argument("--table_only", action="store_true", help="only regenerate docs/results.md and its pictures")
@@ -295,21 +296,23 @@ def main(argv: list[str] | None = None) -> None:
     if not args.studies and not args.table_only:
         parser.error(f"name a study ({', '.join(STUDIES)}) or pass --table_only")
 
-    for study in args.studies:
-        for cell in STUDIES[study](args.seeds):
-            for seed in range(cell.seeds):
-                done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source)
-                if args.dry_run:
-                    print(f"{'done' if done else 'todo'}  {study:9s} {cell.config}:{cell.arg} seed {seed}")
-                    continue
-                if done:
-                    continue
-                row = run_cell(cell, seed, args)
-                RESULTS.parent.mkdir(exist_ok=True)
-                with RESULTS.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"[reproduce] {cell.arg} seed {seed}: test error {100 * row['test_error']:.2f}% "
-                      f"in {row['wall_time_s']:.0f} s", flush=True)
+    # Seed-major order: every cell's first seed before any cell's second, so that a study cut short
+    # (or spread over sessions) covers the whole table first.
+    plan = [(study, cell, seed) for study in args.studies for seed in range(args.seeds)
+            for cell in STUDIES[study](args.seeds) if seed < cell.seeds]
+    for study, cell, seed in plan:
+        done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source)
+        if args.dry_run:
+            print(f"{'done' if done else 'todo'}  {study:9s} {cell.config}:{cell.arg} seed {seed}")
+            continue
+        if done:
+            continue
+        row = run_cell(cell, seed, args)
+        RESULTS.parent.mkdir(exist_ok=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"[reproduce] {cell.arg} seed {seed}: test error {100 * row['test_error']:.2f}% "
+              f"in {row['wall_time_s']:.0f} s", flush=True)
     if not args.dry_run and RESULTS.exists():
         write_page(read_rows())
 

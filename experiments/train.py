@@ -33,8 +33,9 @@ FLAGS = flags.FLAGS
 def initialize_distributed() -> None:
     """Joins the processes of a multi-process run (no-op for a single process)."""
     if FLAGS.coordinator_address or FLAGS.distributed:
-        if jax.default_backend() == "cpu" or FLAGS.coordinator_address:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need it for collectives
+        # CPU devices need gloo for cross-process collectives; it does not affect GPU/TPU backends. (Asking
+        # for the backend here would initialise it, which must happen after jax.distributed.initialize.)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 

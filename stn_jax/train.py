@@ -65,6 +65,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored into the configured model."""
+
+
 # ----------------------------------------------------------------------------
 # Model, optimiser, state.
 # ----------------------------------------------------------------------------
@@ -143,7 +147,7 @@ def make_train_step(graphdef, tx, schedule, config: ml_collections.ConfigDict):
             first_nonfinite_step=jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step,
                                            state["first_nonfinite_step"]))
         metrics = dict(metrics, loss=loss, learning_rate=schedule(step),
-                       grad_norm=optax.global_norm(grads))
+                       grad_norm=optax.tree.norm(grads))
         return new_state, metrics
 
     return train_step
@@ -178,6 +182,7 @@ class Run:
     graphdef: Any
     train_step: Any
     eval_step: Any
+    picture_step: Any
     checkpoints: ocp.CheckpointManager
     writer: MetricsWriter
 
@@ -250,21 +255,32 @@ def evaluate(run: Run, params, rest, test: dict[str, np.ndarray], batch_size: in
     return dict(loss=totals["loss"] / totals["count"], error=totals["errors"] / totals["count"])
 
 
+def make_picture_step(graphdef):
+    @jax.jit
+    def picture_step(params, rest, images):
+        model = nnx.merge(graphdef, params["loc"], params["main"], rest)
+        _, aux = model(images, return_aux=True)
+        return aux["theta"], aux["warped"]
+
+    return picture_step
+
+
 def write_pictures(run: Run, params, rest, images: np.ndarray, step: int) -> None:
-    """Inputs with the sampling grids beside the transformer outputs, to TensorBoard and images/."""
-    if not run.writer.enabled:
+    """Inputs with the sampling grids beside the transformer outputs, to TensorBoard and images/.
+
+    Every process computes them (the parameters are global arrays); process 0 writes them.
+    """
+    thetas, warped = jax.device_get(
+        run.picture_step(params, rest, jax.make_array_from_process_local_data(run.replicated, images)))
+    if not thetas or not run.writer.enabled:
         return
-    model = nnx.merge(run.graphdef, params["loc"], params["main"], rest)
-    _, aux = model(jnp.asarray(images), return_aux=True)
-    if not aux["theta"]:
-        return
-    panel = transformer_panel(images, [np.asarray(t) for t in aux["theta"]], [np.asarray(w) for w in aux["warped"]],
+    panel = transformer_panel(images, [np.asarray(t) for t in thetas], [np.asarray(w) for w in warped],
                               run.config.model.transform, align_corners=bool(run.config.model.options.get(
                                   "align_corners", False)))
     run.writer.image(step, "transformer/inputs_grids_outputs", panel)
     (run.workdir / "images").mkdir(exist_ok=True)
     Image.fromarray(panel).save(run.workdir / "images" / f"transformer_step{step:07d}.png")
-    for k, theta in enumerate(aux["theta"]):
+    for k, theta in enumerate(thetas):
         run.writer.histogram(step, f"theta/{k}", np.asarray(theta))
 
 
@@ -306,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                              enable_async_checkpointing=False))
     run = Run(config, workdir, mesh, dataset, graphdef, make_train_step(graphdef, tx, schedule, config),
-              make_eval_step(graphdef), checkpoints, MetricsWriter(workdir, enabled=lead))
+              make_eval_step(graphdef), make_picture_step(graphdef), checkpoints, MetricsWriter(workdir, enabled=lead))
 
     state = restore_or_init(run, initial_state(run, params, rest, tx))
     start = int(jax.device_get(state["step"]))
@@ -392,12 +408,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
     model = create_model(config, dataset)
     graphdef, params, rest = split_model(model)
     tx = make_optimizer(config.optimizer)
-    run = Run(config, workdir, mesh, dataset, graphdef, None, make_eval_step(graphdef), checkpoints,
+    run = Run(config, workdir, mesh, dataset, graphdef, None, make_eval_step(graphdef), None, checkpoints,
               MetricsWriter(workdir, enabled=False))
     try:
         state = restore_or_init(run, initial_state(run, params, rest, tx))
     except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: say which and why
-        raise RuntimeError(f"cannot restore the checkpoint at step {latest} in {directory}: {e}") from e
+        raise CheckpointError(f"cannot restore the checkpoint at step {latest} in {directory}: {e}") from e
     npz = config.data.get("test_npz")
     test = load_npz_test_set(npz) if npz else dataset.test_set()
     if test["image"].shape[1:] != tuple(dataset.image_shape):

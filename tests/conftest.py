@@ -7,6 +7,8 @@ parity module (tests/test_torch_parity.py) needs it.
 from __future__ import annotations
 
 import contextlib
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,6 +20,13 @@ try:  # The native CPU kernels are optional; without them there is one lowering.
 except ImportError:  # pragma: no cover - depends on the checkout
     CPU_SAMPLERS, use_cpu_sampler = ("default",), None
 
+ROOT = Path(__file__).resolve().parents[1]
+# The four original MNIST IDX files (../shared/data/mnist; any copy of them works).
+if str(ROOT) not in sys.path:  # config files import `configs.common`; experiments.* are run as modules
+    sys.path.insert(0, str(ROOT))
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+               "t10k-labels-idx1-ubyte.gz")
 MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border", "reflection")
 ALIGN = (False, True)
@@ -26,6 +35,15 @@ ALIGN = (False, True)
 # ---------------------------------------------------------------------------
 # Fixtures.
 # ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> str:
+    missing = [f for f in MNIST_FILES if not (MNIST_DIR / f).is_file()]
+    if missing:
+        pytest.fail(f"the MNIST folder {MNIST_DIR} lacks {missing}: these tests read the four original MNIST "
+                    f"files from ../shared/data/mnist (see its README), or from a folder you copy there")
+    return str(MNIST_DIR)
 
 
 @pytest.fixture

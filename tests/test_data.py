@@ -24,22 +24,11 @@ from stn_jax.data import (TASKS, MnistSourceError, canonical_order, default_conf
 from stn_jax.data import mnist as mnist_lib
 from stn_jax.data.pipeline import _resolve
 
-ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
-FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-         "t10k-labels-idx1-ubyte.gz"]
+from conftest import MNIST_DIR, MNIST_FILES as FILES, ROOT
+
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 BATCH = 8
-
-
-@pytest.fixture(scope="session")
-def mnist_dir() -> str:
-    missing = [f for f in FILES if not (MNIST_DIR / f).is_file()]
-    if missing:
-        pytest.fail(f"the MNIST folder {MNIST_DIR} lacks {missing}: these tests read the four original MNIST "
-                    f"files from ../shared/data/mnist (see its README), or from a folder you copy there")
-    return str(MNIST_DIR)
 
 
 def dataset(mnist_dir, task, batch=BATCH, **options):

@@ -360,7 +360,7 @@ class MnistDataset:
         self.element_spec = spec
         self.batch_spec = {k: jax.ShapeDtypeStruct((self.local_batch_size,) + v.shape, v.dtype)
                            for k, v in spec.items()}
-        self._device = jax.devices("cpu")[0] if p["generator_device"] == "cpu" else jax.devices()[0]
+        self._device = jax.local_devices(backend="cpu")[0] if p["generator_device"] == "cpu" else jax.local_devices()[0]
         self._sources: dict[str, dict[str, jax.Array]] = {}
         self._num_words = num_words(p)
         self._generate = _generator(_content_params(p))

@@ -1,0 +1,264 @@
+"""The training loop and its command lines: training, resumption, parallelism, the NaN guard, errors.
+
+Tiny configs (the families' ``tiny`` variants, shrunk further) on the real
+MNIST files; the multi-device and multi-process runs are subprocesses, since
+JAX fixes its devices at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+from configs import distorted_mnist
+from stn_jax import train as train_lib
+
+ARG = "r,st_fcn,affine,tiny"
+
+
+def tiny_config(mnist_dir: str, arg: str = ARG, steps: int = 12, **overrides):
+    c = distorted_mnist.get_config(arg)
+    c.data.source = mnist_dir
+    c.data.test_size = 64
+    c.total_steps = steps
+    c.batch_size = 16
+    c.log_every = 2
+    c.eval_every = steps
+    c.checkpoint_every = 4
+    c.eval_batch_size = 32
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir: Path) -> list[np.ndarray]:
+    manager = ocp.CheckpointManager(workdir / "checkpoints")
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+def python(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, mnist_dir):
+    """One tiny run, shared by the tests that only read its workdir."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(mnist_dir, steps=40, **{"optimizer.learning_rate": 0.05, "checkpoint_every": 20,
+                                                "log_every": 10})
+    result = train_lib.train_and_evaluate(config, workdir)
+    return config, workdir, result
+
+
+def test_tiny_run_trains_and_records_everything(trained):
+    config, workdir, result = trained
+    losses = [m["loss"] for m in metrics(workdir) if "loss" in m]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.1, f"the loss did not fall: {losses}"
+    assert 0.0 <= result["error"] <= 1.0 and np.isfinite(result["loss"])
+    assert [m["test_error"] for m in metrics(workdir) if "test_error" in m] == [result["error"]]
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "st_fcn"
+    assert json.loads((workdir / "versions.json").read_text())["jax"] == jax.__version__
+    assert (workdir / "images" / "transformer_step0000040.png").is_file()
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    logged = metrics(workdir)[0]
+    for key in ("learning_rate", "images_per_second", "error", "theta/0/0/mean", "theta/0/0/std"):
+        assert key in logged
+    assert sorted(ocp.CheckpointManager(workdir / "checkpoints").all_steps()) == [20, 40]
+
+
+def test_evaluate_prints_the_result_line(trained, mnist_dir, tmp_path):
+    _, workdir, result = trained
+    flags = [f"--config=configs/distorted_mnist.py:{ARG}", f"--workdir={workdir}",
+             f"--config.data.source={mnist_dir}", "--config.data.test_size=64", "--config.eval_batch_size=32"]
+    out = python("-m", "experiments.evaluate", *flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = out.stdout.strip().splitlines()[-1]
+    error, loss = (float(part.split("=")[1]) for part in line.split())
+    assert line.startswith("test_error=") and " test_loss=" in line
+    assert error == pytest.approx(result["error"]) and loss == pytest.approx(result["loss"], rel=1e-5)
+
+    # The same model scored on a user's own array file: 20 copies of one uint8 test digit labelled 3.
+    test = train_lib.load_npz_test_set  # the reader the flag uses
+    images = (np.random.default_rng(0).random((20, 28, 28)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "mine.npz", images=images, labels=np.full(20, 3))
+    assert test(tmp_path / "mine.npz")["image"].shape == (20, 28, 28, 1)
+    out = python("-m", "experiments.evaluate", *flags, f"--config.data.test_npz={tmp_path / 'mine.npz'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("test_error=")
+
+
+def test_evaluate_without_a_checkpoint_says_so(tmp_path, mnist_dir):
+    out = python("-m", "experiments.evaluate", f"--config=configs/distorted_mnist.py:{ARG}",
+                 f"--workdir={tmp_path}", f"--config.data.source={mnist_dir}")
+    assert out.returncode != 0
+    assert f"no checkpoint in {tmp_path}/checkpoints" in out.stderr and "experiments.train" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_npz_test_sets_are_checked(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.zeros((3, 28, 28), np.float32), label=np.zeros(3))
+    with pytest.raises(ValueError, match=r"must hold arrays 'images' and 'labels'; missing \['labels'\]"):
+        train_lib.load_npz_test_set(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", images=np.full((3, 28, 28), 2.0, np.float32), labels=np.zeros(3))
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
+        train_lib.load_npz_test_set(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", images=np.zeros((3, 28, 28), np.int64), labels=np.zeros(3))
+    with pytest.raises(ValueError, match="must be uint8 or float"):
+        train_lib.load_npz_test_set(tmp_path / "c.npz")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, mnist_dir, monkeypatch):
+    config = tiny_config(mnist_dir, steps=12)
+    train_lib.train_and_evaluate(config, tmp_path / "straight")
+
+    make_dataset = train_lib.data_lib.make_dataset
+
+    def dying_dataset(*args, **kwargs):  # the process dies while making step 7's batch (checkpoints: 4)
+        dataset = make_dataset(*args, **kwargs)
+        train_batch = dataset.train_batch
+
+        def batch(step, **kw):
+            if step == 7:
+                raise Interrupt
+            return train_batch(step, **kw)
+
+        dataset.train_batch = batch
+        return dataset
+
+    monkeypatch.setattr(train_lib.data_lib, "make_dataset", dying_dataset)
+    with pytest.raises(Interrupt):
+        train_lib.train_and_evaluate(config, tmp_path / "resumed")
+    monkeypatch.undo()
+    assert ocp.CheckpointManager(tmp_path / "resumed" / "checkpoints").latest_step() == 4
+    train_lib.train_and_evaluate(config, tmp_path / "resumed")
+
+    for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    make_dataset = train_lib.data_lib.make_dataset
+
+    def poisoned_dataset(*args, **kwargs):  # step 5's images hold a NaN
+        dataset = make_dataset(*args, **kwargs)
+        train_batch = dataset.train_batch
+
+        def batch(step, **kw):
+            out = train_batch(step, **kw)
+            if step == 5:
+                out = dict(out, image=np.where(np.arange(out["image"].size).reshape(out["image"].shape) == 3,
+                                               np.nan, out["image"]).astype(np.float32))
+            return out
+
+        dataset.train_batch = batch
+        return dataset
+
+    monkeypatch.setattr(train_lib.data_lib, "make_dataset", poisoned_dataset)
+    workdir = tmp_path / "nan"
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite at step 5 .*last good checkpoint is step 4"):
+        train_lib.train_and_evaluate(tiny_config(mnist_dir, steps=12), workdir)
+    assert ocp.CheckpointManager(workdir / "checkpoints").all_steps() == [4]
+    assert all(np.isfinite(p).all() for p in final_params(workdir))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_flags(workdir: Path, mnist_dir: str) -> list[str]:
+    return ["-m", "experiments.train", f"--config=configs/distorted_mnist.py:{ARG}", f"--workdir={workdir}",
+            f"--config.data.source={mnist_dir}", "--config.total_steps=4", "--config.batch_size=16",
+            "--config.log_every=1", "--config.data.test_size=32", "--config.eval_batch_size=32",
+            "--config.checkpoint_every=4"]
+
+
+def test_four_devices_and_two_processes_match_one_device(tmp_path, mnist_dir):
+    """Data parallelism over 4 devices and over 2 processes (gloo) gives the single-device losses."""
+    one = python(*_train_flags(tmp_path / "one", mnist_dir))
+    assert one.returncode == 0, one.stderr[-3000:]
+    four = python(*_train_flags(tmp_path / "four", mnist_dir),
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert four.returncode == 0, four.stderr[-3000:]
+    assert "on 4 devices" in four.stderr
+
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, *_train_flags(tmp_path / "two", mnist_dir),
+                               f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    assert "on 2 devices" in outputs[0][1]
+
+    losses = {name: [m["loss"] for m in metrics(tmp_path / name) if "loss" in m] for name in ("one", "four", "two")}
+    assert len(losses["one"]) == 4
+    np.testing.assert_allclose(losses["four"], losses["one"], rtol=1e-5)
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optimizer.lr=0.1",
+     "unknown config key 'config.optimizer.lr'; valid keys under 'config.optimizer': decay_every, decay_factor, "
+     "learning_rate, loc_lr_multiplier, momentum, nesterov, weight_decay"),
+    ("--config.model.options.widht=8", "unknown config key 'config.model.options.widht'; valid keys under "
+                                       "'config.model.options': align_corners, bound,"),
+    ("--config=configs/distorted_mnist.py:rts,resnet", "unknown model 'resnet'; choose one of fcn, cnn, st_fcn, st_cnn"),
+    ("--config=configs/distorted_mnist.py:q,cnn", "unknown task 'q'; choose one of r, rts, p, e, tc"),
+    ("--config=configs/distorted_mnist.py:rts,st_cnn,spline",
+     "model 'st_cnn' needs a transform; choose one of affine, projective, tps, got 'spline'"),
+])
+def test_bad_config_flags_list_the_choices(tmp_path, flag, message):
+    config = [] if flag.startswith("--config=") else [f"--config=configs/distorted_mnist.py:{ARG}"]
+    out = python("-m", "experiments.train", *config, flag, f"--workdir={tmp_path}", timeout=120)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_every_family_config_builds_its_model_and_data(mnist_dir):
+    """Each family's default and tiny configs resolve to a model and a data set (shapes only, no training)."""
+    import importlib
+
+    from flax import nnx
+
+    from stn_jax import data as data_lib, models
+
+    for family, arg in [("distorted_mnist", "tc,st_cnn,tps"), ("mnist_addition", "add_2st_fcn,tps,tiny"),
+                        ("mnist_3d", "st3d,tiny"), ("distorted_mnist", "rts,cnn")]:
+        c = importlib.import_module(f"configs.{family}").get_config(arg)
+        for key in ("seed", "batch_size", "total_steps", "checkpoint_every"):
+            assert key in c
+        c.data.source = mnist_dir
+        ds = data_lib.make_dataset(c.data, seed=0, global_batch_size=2)
+        model = nnx.eval_shape(lambda: models.create_model(
+            c.model.name, transform=c.model.transform or None, input_shape=ds.image_shape,
+            num_classes=ds.num_classes, rngs=nnx.Rngs(0), **c.model.options.to_dict()))
+        assert model is not None
