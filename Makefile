@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/quickstart
+# MNIST for the quickstart: tfds (downloads once) or a folder with the four IDX files (offline).
+SOURCE ?= tfds
 
 .PHONY: venv test test-all quickstart bench
 
@@ -23,7 +25,7 @@ test-all: venv
 	$(PY) -m pytest -n 2 -m ''
 
 quickstart: venv
-	$(PY) -m experiments.demo_warp --out $(WORKDIR)/warp_demo.png
+	$(PY) -m experiments.train --config configs/quickstart.py --workdir $(WORKDIR) --config.data.source=$(SOURCE)
 
 bench: venv
 	$(PY) benchmarks/sampler.py
