@@ -388,7 +388,7 @@ def test_config_files():
     dm = _config_module("distorted_mnist")
     c = dm.get_config("rts,st_cnn,tps")
     assert c.data.task == "rts" and c.model.transform == "tps" and c.data.canvas_size == 42
-    assert c.data.to_dict() == default_config("rts").to_dict()
+    assert c.data.to_dict() == {**default_config("rts").to_dict(), "test_npz": ""}
     assert dm.get_config("tc,cnn").model.transform == ""
     with pytest.raises(ValueError, match="choose one of r, rts, p, e, tc"):
         dm.get_config("q,cnn")
