@@ -27,11 +27,12 @@ Expected result: the paper's Table 1 (test error %; TC from the text):
     ST-CNN Aff    0.7  0.5  0.8  1.2  |  1.7 (transform not stated)
     ST-CNN TPS    0.7  0.5  0.8  1.1  |
 
-Expected wall time for the full 150k steps: on the 2-core CPU of
-docs/benchmarks.md an ST-CNN step at batch 256 takes about 1 s, so a run takes
-about 40 hours there; on one GPU the step is dominated by launch overhead,
-docs/results.md gives the estimate. Our own measured results at shorter
-budgets are in docs/results.md.
+Expected wall time for the full 150k steps of batch 256, measured on the
+2-core CPU of docs/benchmarks.md: the RTS ST-CNN step takes 0.49 s (about 20
+hours per run) but the plain CNN on 42x42 takes 4.1 s (about 7 days), so full
+runs want a GPU (docs/results.md estimates 15-30 minutes per run there, not
+measured). ``--config.total_steps=N`` shortens any run; our measured results at
+500 steps are in docs/results.md.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ the paper does not say so).
 
 The paper reports no number for this experiment (a figure only) and gives no
 architecture or schedule [U]: we use distorted MNIST's schedule with batch 64
-[U] (a 60^3 float32 volume is 864 kB) and 30k steps [U]. Wall time: about 6
-examples/s on the 2-core CPU of docs/benchmarks.md (the 3-D localisation net
-dominates), so a full run wants a GPU; ``tiny`` runs 20 steps of batch 8.
+[U] (a 60^3 float32 volume is 864 kB) and 30k steps [U]. Wall time: about 10
+examples/s on the 2-core CPU of docs/benchmarks.md (measured under load,
+docs/data.md; the 3-D localisation net dominates), i.e. days for 30k steps, so
+a full run wants a GPU; ``tiny`` (20 steps of batch 8) takes about 40 s.
 """
 
 from __future__ import annotations

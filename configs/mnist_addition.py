@@ -17,8 +17,10 @@ momentum 0.9 [U]) and its ~400k parameter budget [U].
 
 Expected result (Table 4, error %): FCN 47.7, CNN 14.7, ST-FCN Aff/Proj/TPS
 22.6/18.5/19.1, 2xST-FCN Aff/Proj/TPS 9.0/5.9/5.8. Wall time: a 2xST-FCN step at
-batch 256 is about 0.15 s on the 2-core CPU of docs/benchmarks.md (about 6 hours
-for 150k steps); measured results at shorter budgets are in docs/results.md.
+batch 256 took about 0.15 s on the 2-core CPU of docs/benchmarks.md (measured
+under load, docs/data.md: about 6 hours for 150k steps); the CNN is far slower
+there (its convolutions on 42x42, like distorted MNIST's CNN); ``tiny`` takes
+about 30 s.
 """
 
 from __future__ import annotations
