@@ -26,7 +26,6 @@ def training_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 5_000
     c.keep_checkpoints = 3
     c.eval_batch_size = 1_000
-    c.picture_every = 0               # 0 = pictures at every evaluation
     c.identity_penalty = 0.0          # optional pull of theta towards the identity (landscape B10); paper: none
 
     c.optimizer = ml_collections.ConfigDict()

@@ -270,9 +270,11 @@ def write_pictures(run: Run, params, rest, images: np.ndarray, step: int) -> Non
 
     Every process computes them (the parameters are global arrays); process 0 writes them.
     """
+    if not run.config.model.transform:
+        return
     thetas, warped = jax.device_get(
         run.picture_step(params, rest, jax.make_array_from_process_local_data(run.replicated, images)))
-    if not thetas or not run.writer.enabled:
+    if not run.writer.enabled:
         return
     panel = transformer_panel(images, [np.asarray(t) for t in thetas], [np.asarray(w) for w in warped],
                               run.config.model.transform, align_corners=bool(run.config.model.options.get(
