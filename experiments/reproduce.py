@@ -64,6 +64,11 @@ DISPLAY = {"fcn": "FCN", "cnn": "CNN", "st_fcn": "ST-FCN", "st_cnn": "ST-CNN", "
 ABBREV = {"affine": "Aff", "projective": "Proj", "tps": "TPS", "": ""}
 
 
+def display_name(model: str, transform: str) -> str:
+    """The paper's name of a model, e.g. ``ST-CNN TPS``."""
+    return f"{DISPLAY[model]} {ABBREV[transform]}".strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     """One table cell: a config file with its argument; ``seeds`` runs of it."""
@@ -79,10 +84,6 @@ class Cell:
         if self.task == "addition":
             return ",".join(p for p in (self.model, self.transform) if p)
         return ",".join(p for p in (self.task, self.model, self.transform) if p)
-
-    @property
-    def label(self) -> str:
-        return f"{DISPLAY[self.model]} {ABBREV[self.transform]}".strip()
 
 
 def _table1(seeds: int) -> list[Cell]:
@@ -205,7 +206,7 @@ def tables(rows: list[dict]) -> str:
                     paper = PAPER.get((t, model, transform))
                     ours = _stats([r["test_error"] for r in rs]) if rs else "not run"
                     cells.append(f"{ours} / {paper if paper is not None else '-'}")
-                out.append(f"| {DISPLAY[model]} {ABBREV[transform]} | " + " | ".join(cells) + " |")
+                out.append(f"| {display_name(model, transform)} | " + " | ".join(cells) + " |")
             out.append("")
         runs = [r for r in rows if r["steps"] == steps and r["batch_size"] == batch]
         wall = [r["wall_time_s"] for r in runs]
@@ -240,7 +241,7 @@ def _curves(rows: list[dict]) -> None:
             lines = [json.loads(x) for x in (ROOT / r["workdir"] / "metrics.jsonl").read_text().splitlines()]
             train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
             test = [(m["step"], 100 * m["test_error"]) for m in lines if "test_error" in m]
-            label = f"{DISPLAY[r['model']]} {ABBREV[r['transform']]} s{r['seed']}".replace("  ", " ")
+            label = f"{display_name(r['model'], r['transform'])} s{r['seed']}"
             if train:
                 ax_loss.plot(*zip(*train), label=label, lw=1)
             if test:

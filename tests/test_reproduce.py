@@ -1,0 +1,77 @@
+"""The study runner's bookkeeping: which runs a study holds, which are done, and the tables made from rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import reproduce
+
+
+def row(task, model, transform, seed, error, steps=500, batch_size=64, source="idx", config="distorted_mnist"):
+    arg = ",".join(p for p in ((model, transform) if task == "addition" else (task, model, transform)) if p)
+    return dict(config=config, arg=arg, task=task, model=model, transform=transform, seed=seed, steps=steps,
+                batch_size=batch_size, source=source, test_error=error, test_loss=0.5, wall_time_s=100.0,
+                resumed=False, workdir="nowhere", date="2026-11-29", machine="x86_64 2 CPUs",
+                versions={"jax": "0.10.2"}, command=f"python -m experiments.train --config=...:{arg}")
+
+
+def test_studies_hold_the_papers_cells():
+    table1 = reproduce.STUDIES["table1"](3)
+    assert len(table1) == 24  # 4 tasks x (FCN, CNN, ST-FCN Aff, ST-CNN Aff/Proj/TPS)
+    assert sum(c.seeds for c in table1) == 4 * (1 + 3 + 1 + 3 * 3)
+    assert {c.arg for c in table1 if c.task == "rts"} == {
+        "rts,fcn", "rts,cnn", "rts,st_fcn,affine", "rts,st_cnn,affine", "rts,st_cnn,projective", "rts,st_cnn,tps"}
+    assert [c.arg for c in reproduce.STUDIES["addition"](2)] == ["add_fcn", "add_cnn", "add_2st_fcn,tps"]
+    for cell in table1 + reproduce.STUDIES["tc"](1) + reproduce.STUDIES["addition"](1):
+        assert (cell.task, cell.model, cell.transform) in reproduce.PAPER
+
+
+def test_a_run_is_done_only_for_the_same_config_seed_budget_and_source():
+    cell = reproduce.Cell("distorted_mnist", "rts", "st_cnn", "tps", 2)
+    rows = [row("rts", "st_cnn", "tps", 0, 0.1)]
+    assert reproduce._done(rows, cell, 0, 500, 64, "/data/mnist")
+    assert not reproduce._done(rows, cell, 1, 500, 64, "/data/mnist")
+    assert not reproduce._done(rows, cell, 0, 1000, 64, "/data/mnist")
+    assert not reproduce._done(rows, cell, 0, 500, 256, "/data/mnist")
+    assert not reproduce._done(rows, cell, 0, 500, 64, "tfds")
+    assert reproduce.run_name(cell, 1, 500, 64) == "rts_st_cnn_tps_s1_b64_n500"
+
+
+def test_tables_show_mean_std_over_seeds_beside_the_paper():
+    rows = [row("rts", "cnn", "", 0, 0.10), row("rts", "cnn", "", 1, 0.20), row("rts", "st_cnn", "tps", 0, 0.05),
+            row("r", "fcn", "", 0, 0.3), row("addition", "add_2st_fcn", "tps", 0, 0.5, config="mnist_addition")]
+    text = reproduce.tables(rows)
+    assert "### Budget: 500 steps of batch 64" in text
+    assert "| model | R | RTS |" in text
+    assert "| CNN | not run / 1.2 | 15.00 ± 7.07 (n=2) / 0.8 |" in text
+    assert "| ST-CNN TPS | not run / 0.7 | 5.00 / 0.5 |" in text
+    assert "| FCN | 30.00 / 2.1 | not run / 5.2 |" in text
+    assert "**MNIST addition**" in text and "| 2xST-FCN TPS | 50.00 / 5.8 |" in text
+    assert "5 runs; wall time per run 100-100 s" in text
+
+
+def test_page_is_regenerated_between_the_markers(tmp_path, monkeypatch):
+    page = tmp_path / "results.md"
+    page.write_text(f"# Results\nintro\n{reproduce.BEGIN}\nold table\n{reproduce.END}\noutro\n")
+    monkeypatch.setattr(reproduce, "RESULTS_PAGE", page)
+    monkeypatch.setattr(reproduce, "IMAGES", tmp_path)
+    reproduce.write_page([row("rts", "cnn", "", 0, 0.1)])
+    text = page.read_text()
+    assert text.startswith("# Results\nintro\n") and text.endswith(f"{reproduce.END}\noutro\n")
+    assert "old table" not in text and "| CNN | 10.00 / 0.8 |" in text
+
+
+def test_unknown_study_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["table2"])
+    assert "unknown study 'table2'; choose from table1, tc, addition" in capsys.readouterr().err
+
+
+def test_rows_round_trip_through_the_results_file(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    rows = [row("r", "cnn", "", 0, 0.1), row("r", "cnn", "", 1, 0.2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert reproduce.read_rows(path) == rows
+    assert reproduce.read_rows(tmp_path / "absent.jsonl") == []
