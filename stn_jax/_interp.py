@@ -244,6 +244,18 @@ def _with_derivatives(orders, kernel, active_axes):
     return tuple(all_orders), deriv
 
 
+def _per_channel(x: jax.Array, channels: int) -> jax.Array:
+    """``x[..., None]`` repeated over ``channels`` on a new last axis.
+
+    Built by stacking copies rather than broadcasting, so that its transpose
+    (the grid cotangent: a sum over channels) is a chain of elementwise adds.
+    XLA:CPU runs a ``reduce_sum`` over a short minor axis 10-25x slower
+    (measured: 131 ms vs 5 ms for 4.8M points of 3 channels); past 16
+    channels the reduction is competitive and the unrolled graph too large.
+    """
+    return jnp.stack([x] * channels, -1) if channels <= 16 else x[..., None]
+
+
 def _interp_jvp(primals, tangents, **params):
     flat, *coords = primals
     tflat, *tcoords = tangents
@@ -252,14 +264,16 @@ def _interp_jvp(primals, tangents, **params):
     all_orders, deriv = _with_derivatives(params["orders"], params["kernel"], active)
     full = interp_p.bind(flat, *coords, **{**params, "orders": all_orders})
     out = full[:n]
-    tout = jnp.zeros_like(out)
-    if type(tflat) is not ad.Zero:
-        tout = tout + interp_p.bind(tflat, *coords, **params)
+    # Each order's tangent is a plain sum of terms (no scatter into a zero
+    # array): its transpose is then slices and adds that XLA fuses.
+    from_image = interp_p.bind(tflat, *coords, **params) if type(tflat) is not ad.Zero else None
+    tout = []
     for j in range(n):
-        for a in active:
-            if deriv[j][a] is not None:
-                tout = tout.at[j].add(full[deriv[j][a]] * tcoords[a][..., None])
-    return out, tout
+        terms = [] if from_image is None else [from_image[j]]
+        terms += [full[deriv[j][a]] * _per_channel(tcoords[a], params["channels"])
+                  for a in active if deriv[j][a] is not None]
+        tout.append(sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out[j]))
+    return out, jnp.stack(tout)
 
 
 def _spread_jvp(primals, tangents, **params):
@@ -272,12 +286,13 @@ def _spread_jvp(primals, tangents, **params):
     if type(tct) is not ad.Zero:
         tout = tout + spread_p.bind(tct, *coords, **params)
     # d/dx_a sum_j scatter(ct_j * w_j) = sum_j scatter(ct_j * dx_a * w_{raise_a(j)}): one spread.
-    stacked = jnp.zeros((len(all_orders),) + ct.shape[1:], ct.dtype)
+    terms = [[] for _ in all_orders]
     for j in range(len(params["orders"])):
         for a in active:
             if deriv[j][a] is not None:
-                stacked = stacked.at[deriv[j][a]].add(ct[j] * tcoords[a][..., None])
-    if any(d is not None for row in deriv for d in row.values()):
+                terms[deriv[j][a]].append(ct[j] * _per_channel(tcoords[a], params["channels"]))
+    if any(terms):
+        stacked = jnp.stack([sum(t[1:], t[0]) if t else jnp.zeros_like(ct[0]) for t in terms])
         tout = tout + spread_p.bind(stacked, *coords, **{**params, "orders": all_orders})
     return out, tout
 

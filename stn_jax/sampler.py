@@ -72,9 +72,11 @@ def _sample_one(image, grid, *, ndim, kernel, padding_mode, align_corners):
     sizes = image.shape[:ndim][::-1]  # per coordinate: x -> W, y -> H, z -> D
     dtype = jnp.promote_types(grid.dtype, jnp.float32)
     points = grid.astype(dtype).reshape(1, -1, ndim)
+    # jnp.split, not indexing: its transpose is one concatenate, where slicing's is a pad per axis.
+    axes = jnp.split(points, ndim, axis=-1)
     coords = [
-        apply_padding(normalized_to_pixel(points[..., a], n, align_corners), n, padding_mode, align_corners)
-        for a, n in enumerate(sizes)
+        apply_padding(normalized_to_pixel(x[..., 0], n, align_corners), n, padding_mode, align_corners)
+        for x, n in zip(axes, sizes)
     ]
     out = interpolate(image.reshape(-1), coords, sizes=sizes, offsets=(0,), channels=image.shape[-1], kernel=kernel)
     return out.reshape(grid.shape[:-1] + image.shape[-1:]).astype(image.dtype)

@@ -54,6 +54,53 @@ struct Problem {
   const float* coords[kMaxDims];
 };
 
+// Per-axis kernel factors of a block of consecutive points, computed in one
+// vectorised pass (structure of arrays) before the per-point corner loop.
+constexpr int kBlock = 256;
+
+struct AxisBlock {
+  int32_t cell[kBlock];        // first tap's pixel index along the axis
+  float fac[2][2][kBlock];     // [order][tap]: kernel factor or its derivative
+};
+
+template <int kTaps>
+void AxisFactors(const Problem& p, int a, int64_t begin, int n, AxisBlock* out) {
+  const float* x = p.coords[a] + begin;
+  const int64_t size = p.size[a];
+  if constexpr (kTaps == 2) {
+    const float last = static_cast<float>(std::max<int64_t>(size - 2, 0));
+    const float second = size < 2 ? 0.0f : 1.0f;  // a size-1 axis: the second tap weighs 0
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const float xi = x[i] != x[i] ? -2.0f : x[i];  // NaN reads nothing
+      const float cell = std::min(std::max(std::floor(xi), 0.0f), last);
+      const float t = xi - cell;
+      out->cell[i] = static_cast<int32_t>(cell);
+      out->fac[0][0][i] = Tent(t);
+      out->fac[0][1][i] = second * Tent(t - 1.0f);
+    }
+    if (p.derivative[a]) {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) {
+        const float xi = x[i] != x[i] ? -2.0f : x[i];
+        const float t = xi - static_cast<float>(out->cell[i]);
+        out->fac[1][0][i] = TentRightDerivative(t);
+        out->fac[1][1][i] = second * TentRightDerivative(t - 1.0f);
+      }
+    }
+  } else {
+    const float hi = static_cast<float>(size - 1);
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+      const float xi = x[i] != x[i] ? -2.0f : x[i];
+      const float r = std::nearbyint(xi);  // half to even
+      out->cell[i] = static_cast<int32_t>(std::min(std::max(r, 0.0f), hi));
+      out->fac[0][0][i] = (r >= 0.0f && r <= hi) ? 1.0f : 0.0f;
+      out->fac[1][0][i] = 0.0f;
+    }
+  }
+}
+
 // The corners a point reads: element offsets from its image's start and, per
 // order, the weight of each corner. Corners enumerate x taps outermost, as
 // the pure-JAX lowering does (itertools.product over x, y, z). The linear
@@ -65,33 +112,11 @@ struct Corners {
 };
 
 template <int kDims, int kTaps>
-inline void PointCorners(const Problem& p, int64_t i, bool values_only, Corners* out) {
+inline void PointCorners(const Problem& p, const AxisBlock* axes, int i, bool values_only, Corners* out) {
   int64_t off[kDims][2];
-  float fac[kDims][2][2];  // [axis][order][tap]
   for (int a = 0; a < kDims; ++a) {
-    float x = p.coords[a][i];
-    if (std::isnan(x)) x = -2.0f;
-    const int64_t size = p.size[a];
-    if constexpr (kTaps == 2) {
-      const float cell = std::min(std::max(std::floor(x), 0.0f), static_cast<float>(std::max<int64_t>(size - 2, 0)));
-      const float t = x - cell;
-      const int64_t c = static_cast<int64_t>(cell);
-      const bool single = size < 2;
-      off[a][0] = c * p.stride[a];
-      off[a][1] = single ? off[a][0] : off[a][0] + p.stride[a];
-      fac[a][0][0] = Tent(t);
-      fac[a][0][1] = single ? 0.0f : Tent(t - 1.0f);
-      if (p.derivative[a]) {
-        fac[a][1][0] = TentRightDerivative(t);
-        fac[a][1][1] = single ? 0.0f : TentRightDerivative(t - 1.0f);
-      }
-    } else {
-      const float r = std::nearbyint(x);  // half to even
-      const float hi = static_cast<float>(size - 1);
-      off[a][0] = static_cast<int64_t>(std::min(std::max(r, 0.0f), hi)) * p.stride[a];
-      fac[a][0][0] = (r >= 0.0f && r <= hi) ? 1.0f : 0.0f;
-      fac[a][1][0] = 0.0f;
-    }
+    off[a][0] = static_cast<int64_t>(axes[a].cell[i]) * p.stride[a];
+    if constexpr (kTaps == 2) off[a][1] = p.size[a] < 2 ? off[a][0] : off[a][0] + p.stride[a];
   }
   constexpr int kCorners = kDims == 2 ? kTaps * kTaps : kTaps * kTaps * kTaps;
   for (int k = 0; k < kCorners; ++k) {
@@ -105,15 +130,30 @@ inline void PointCorners(const Problem& p, int64_t i, bool values_only, Corners*
     for (int a = 0; a < kDims; ++a) o += off[a][tap[a]];
     out->offset[k] = o;
     if (values_only) {
-      float w = fac[0][0][tap[0]];
-      for (int a = 1; a < kDims; ++a) w *= fac[a][0][tap[a]];
+      float w = axes[0].fac[0][tap[0]][i];
+      for (int a = 1; a < kDims; ++a) w *= axes[a].fac[0][tap[a]][i];
       out->weight[0][k] = w;
       continue;
     }
     for (int j = 0; j < p.n_orders; ++j) {
-      float w = fac[0][p.orders[j][0]][tap[0]];
-      for (int a = 1; a < kDims; ++a) w *= fac[a][p.orders[j][a]][tap[a]];
+      float w = axes[0].fac[p.orders[j][0]][tap[0]][i];
+      for (int a = 1; a < kDims; ++a) w *= axes[a].fac[p.orders[j][a]][tap[a]][i];
       out->weight[j][k] = w;
+    }
+  }
+}
+
+// Calls fn(i, corners) for each point i in [begin, end), in order.
+template <int kDims, int kTaps, typename Fn>
+inline void ForEachPoint(const Problem& p, int64_t begin, int64_t end, bool values_only, const Fn& fn) {
+  AxisBlock axes[kDims];
+  Corners cs;
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+    for (int a = 0; a < kDims; ++a) AxisFactors<kTaps>(p, a, b, n, &axes[a]);
+    for (int i = 0; i < n; ++i) {
+      PointCorners<kDims, kTaps>(p, axes, i, values_only, &cs);
+      fn(b + i, cs);
     }
   }
 }
@@ -212,9 +252,7 @@ void InterpRows(ffi::ThreadPool& pool, const Problem& p, const float* image, con
     const int64_t begin = m * p.points + (task % per_row) * kChunk;
     const int64_t end = std::min(begin + kChunk, (m + 1) * p.points);
     const float* img = image + offsets[m];
-    Corners cs;
-    for (int64_t i = begin; i < end; ++i) {
-      PointCorners<kDims, kTaps>(p, i, values_only, &cs);
+    ForEachPoint<kDims, kTaps>(p, begin, end, values_only, [&](int64_t i, const Corners& cs) {
       for (int j = 0; j < n_orders; ++j) {
         float* o = result + j * plane + i * channels;
         for (int64_t c = 0; c < channels; ++c) {
@@ -223,7 +261,7 @@ void InterpRows(ffi::ThreadPool& pool, const Problem& p, const float* image, con
           o[c] = acc;
         }
       }
-    }
+    });
   });
 }
 
@@ -241,19 +279,21 @@ void SpreadRows(ffi::ThreadPool& pool, const Problem& p, const float* cot, const
   const int n_orders = p.n_orders;
   const bool values_only = n_orders == 1 && !p.derivative[0] && !p.derivative[1] && !p.derivative[kDims - 1];
   ParallelFor(pool, static_cast<int64_t>(groups.size()), [&](int64_t g) {
-    Corners cs;
     for (int64_t m : *groups[g]) {
       float* img = grad + offsets[m];
-      for (int64_t i = m * p.points; i < (m + 1) * p.points; ++i) {
-        PointCorners<kDims, kTaps>(p, i, values_only, &cs);
+      ForEachPoint<kDims, kTaps>(p, m * p.points, (m + 1) * p.points, values_only,
+                                 [&](int64_t i, const Corners& cs) {
         for (int64_t c = 0; c < channels; ++c) {
-          for (int k = 0; k < kCorners; ++k) {
-            float update = 0.0f;
-            for (int j = 0; j < n_orders; ++j) update += cot[j * plane + i * channels + c] * cs.weight[j][k];
-            img[cs.offset[k] + c] += update;
+          // Read everything before the first store: img may alias nothing, but the
+          // compiler cannot know, and would reload cot and weights after each store.
+          float update[kCorners] = {};
+          for (int j = 0; j < n_orders; ++j) {
+            const float ct = cot[j * plane + i * channels + c];
+            for (int k = 0; k < kCorners; ++k) update[k] += ct * cs.weight[j][k];
           }
+          for (int k = 0; k < kCorners; ++k) img[cs.offset[k] + c] += update[k];
         }
-      }
+      });
     }
   });
 }
@@ -287,7 +327,11 @@ ffi::Error Spread(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Remaining
     return err;
   }
   float* grad = out->typed_data();
-  std::fill(grad, grad + out->element_count(), 0.0f);
+  const int64_t length = static_cast<int64_t>(out->element_count());
+  constexpr int64_t kFill = 1 << 18;
+  ParallelFor(pool, (length + kFill - 1) / kFill, [&](int64_t t) {
+    std::fill(grad + t * kFill, grad + std::min(length, (t + 1) * kFill), 0.0f);
+  });
   STN_DISPATCH(SpreadRows, pool, p, ct.typed_data(), offsets.begin(), grad);
   return ffi::Error::Success();
 }
