@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150_000, help="total_steps per run (paper: 150000)")
     parser.add_argument("--batch_size", type=int, default=256, help="batch size (paper: 256)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the CNN and ST-CNN cells (paper: 3)")
+    parser.add_argument("--models", default="", help="comma-separated model names to run (default: all of the study's)")
     parser.add_argument("--evals", type=int, default=2, help="test evaluations (and checkpoints) per run")
     parser.add_argument("--workroot", default="workdirs/reproduce", help="where the runs' workdirs go")
     parser.add_argument("--dry_run", action="store_true", help="list the runs, mark the finished ones, run nothing")
@@ -294,13 +295,18 @@ def main(argv: list[str] | None = None) -> None:
     for study in args.studies:
         if study not in STUDIES:
             parser.error(f"unknown study {study!r}; choose from {', '.join(STUDIES)}")
+    models = {m for m in args.models.split(",") if m}
+    known = {c.model for study in args.studies for c in STUDIES[study](1)}
+    if models - known:
+        parser.error(f"unknown model(s) {', '.join(sorted(models - known))} for these studies; "
+                     f"choose from {', '.join(sorted(known))}")
     if not args.studies and not args.table_only:
         parser.error(f"name a study ({', '.join(STUDIES)}) or pass --table_only")
 
     # Seed-major order: every cell's first seed before any cell's second, so that a study cut short
     # (or spread over sessions) covers the whole table first.
     plan = [(study, cell, seed) for study in args.studies for seed in range(args.seeds)
-            for cell in STUDIES[study](args.seeds) if seed < cell.seeds]
+            for cell in STUDIES[study](args.seeds) if seed < cell.seeds and (not models or cell.model in models)]
     for study, cell, seed in plan:
         done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source)
         if args.dry_run:

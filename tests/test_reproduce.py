@@ -69,6 +69,16 @@ def test_unknown_study_is_an_error(capsys):
     assert "unknown study 'table2'; choose from table1, tc, addition" in capsys.readouterr().err
 
 
+def test_models_filter_restricts_the_plan_and_rejects_unknown_names(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "runs.jsonl")
+    reproduce.main(["addition", "--models", "add_fcn,add_2st_fcn", "--dry_run", "--seeds", "1"])
+    assert capsys.readouterr().out.splitlines() == [
+        "todo  addition  mnist_addition:add_fcn seed 0", "todo  addition  mnist_addition:add_2st_fcn,tps seed 0"]
+    with pytest.raises(SystemExit):
+        reproduce.main(["addition", "--models", "st_cnn"])
+    assert "unknown model(s) st_cnn for these studies; choose from add_2st_fcn, add_cnn, add_fcn" in capsys.readouterr().err
+
+
 def test_rows_round_trip_through_the_results_file(tmp_path):
     path = tmp_path / "runs.jsonl"
     rows = [row("r", "cnn", "", 0, 0.1), row("r", "cnn", "", 1, 0.2)]
