@@ -199,7 +199,10 @@ def _cpu_lowering(name: str, xla_rule):
 
     def rule(ctx, *args, sizes, offsets, channels, kernel, orders, cpu_impl, **rest):
         params = dict(sizes=sizes, offsets=offsets, channels=channels, kernel=kernel, orders=orders)
-        native = (cpu_impl == "native" and all(a.dtype == np.float32 for a in ctx.avals_in)
+        # A single-channel read of values alone is the one case XLA:CPU's fused gathers
+        # do best (2-4x the native kernel, docs/benchmarks.md), so "native" leaves it to XLA.
+        xla_wins = name == "interp" and channels == 1 and all(not any(o) for o in orders)
+        native = (cpu_impl == "native" and not xla_wins and all(a.dtype == np.float32 for a in ctx.avals_in)
                   and _native.available())
         if not native:
             return xla_rule(ctx, *args, cpu_impl=cpu_impl, **params, **rest)
