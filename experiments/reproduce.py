@@ -61,6 +61,7 @@ PAPER = {
 }
 DISPLAY = {"fcn": "FCN", "cnn": "CNN", "st_fcn": "ST-FCN", "st_cnn": "ST-CNN", "add_fcn": "FCN", "add_cnn": "CNN",
            "add_st_fcn": "ST-FCN", "add_2st_fcn": "2xST-FCN"}
+TASK_TITLES = {"r": "R", "rts": "RTS", "p": "P", "e": "E", "tc": "TC", "addition": "Addition"}
 ABBREV = {"affine": "Aff", "projective": "Proj", "tps": "TPS", "": ""}
 
 
@@ -197,13 +198,16 @@ def tables(rows: list[dict]) -> str:
             order = list(DISPLAY)
             models.sort(key=lambda m: (order.index(m[0]), list(ABBREV).index(m[1])))
             out.append(f"**{title}**: test error %, ours (mean ± std over seeds) / paper\n")
-            out.append("| model | " + " | ".join(t.upper() for t in task_set) + " |")
+            out.append("| model | " + " | ".join(TASK_TITLES[t] for t in task_set) + " |")
             out.append("|---|" + "---|" * len(task_set))
             for model, transform in models:
                 cells = []
                 for t in task_set:
                     rs = groups.get((steps, batch, t, model, transform), [])
                     paper = PAPER.get((t, model, transform))
+                    if not rs and paper is None:
+                        cells.append("–")  # not a cell of the paper's table, and not run
+                        continue
                     ours = _stats([r["test_error"] for r in rs]) if rs else "not run"
                     cells.append(f"{ours} / {paper if paper is not None else '-'}")
                 out.append(f"| {display_name(model, transform)} | " + " | ".join(cells) + " |")
@@ -237,17 +241,20 @@ def _curves(rows: list[dict]) -> None:
             by_task[r["task"]].append(r)
     for task, runs in by_task.items():
         fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.6))
-        for r in sorted(runs, key=lambda r: (r["model"], r["transform"], r["seed"])):
+        several_budgets = len({(r["steps"], r["batch_size"]) for r in runs}) > 1
+        for r in sorted(runs, key=lambda r: (r["model"], r["transform"], r["seed"], r["steps"])):
             lines = [json.loads(x) for x in (ROOT / r["workdir"] / "metrics.jsonl").read_text().splitlines()]
             train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
             test = [(m["step"], 100 * m["test_error"]) for m in lines if "test_error" in m]
             label = f"{display_name(r['model'], r['transform'])} s{r['seed']}"
+            if several_budgets:
+                label += f" ({r['steps']} x {r['batch_size']})"
             if train:
                 ax_loss.plot(*zip(*train), label=label, lw=1)
             if test:
                 ax_err.plot(*zip(*test), marker="o", label=label, lw=1)
-        ax_loss.set(xlabel="step", ylabel="train loss", yscale="log", title=f"{task.upper()}: training loss")
-        ax_err.set(xlabel="step", ylabel="test error %", yscale="log", title=f"{task.upper()}: test error")
+        ax_loss.set(xlabel="step", ylabel="train loss", yscale="log", title=f"{TASK_TITLES[task]}: training loss")
+        ax_err.set(xlabel="step", ylabel="test error %", yscale="log", title=f"{TASK_TITLES[task]}: test error")
         ax_err.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(IMAGES / f"results_curves_{task}.png", dpi=90)
@@ -255,9 +262,12 @@ def _curves(rows: list[dict]) -> None:
 
 
 def _pictures(rows: list[dict]) -> None:
-    """The last transformer picture (inputs with sampling grids, outputs) of one ST run per task and transform."""
+    """The last transformer picture (inputs with sampling grids, outputs) of one ST run per task and transform.
+
+    The first seed's run at the longest budget is shown.
+    """
     seen = set()
-    for r in sorted(rows, key=lambda r: r["seed"]):
+    for r in sorted(rows, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):
         key = (r["task"], r["model"], r["transform"])
         if not r["transform"] or key in seen:
             continue
