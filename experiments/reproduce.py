@@ -4,6 +4,7 @@
     python -m experiments.reproduce tc addition --source ../shared/data/mnist --steps 1500 --batch_size 64
     python -m experiments.reproduce --table_only          # regenerate docs/results.md's tables from the rows
     python -m experiments.reproduce table1 --dry_run      # list the runs and which are done
+    python -m experiments.reproduce addition --steps 3000 --models add_fcn,add_2st_fcn   # some cells only
 
 Each run is ``python -m experiments.train`` with the study's config, the seed,
 and overrides only for the data source and the budget (``total_steps``,
