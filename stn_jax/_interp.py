@@ -199,9 +199,8 @@ def _cpu_lowering(name: str, xla_rule):
 
     def rule(ctx, *args, sizes, offsets, channels, kernel, orders, cpu_impl, **rest):
         params = dict(sizes=sizes, offsets=offsets, channels=channels, kernel=kernel, orders=orders)
-        # Single-channel reads of values alone, and of a volume's values and derivatives,
-        # are where XLA:CPU's fused gathers beat the native kernel (up to 3x,
-        # docs/benchmarks.md), so "native" leaves them to XLA.
+        # A single-channel read of values alone is where XLA:CPU's fused gathers beat
+        # the native kernel (2-3x, docs/benchmarks.md), so "native" leaves it to XLA.
         xla_wins = name == "interp" and channels == 1 and all(not any(o) for o in orders)
         native = (cpu_impl == "native" and not xla_wins and all(a.dtype == np.float32 for a in ctx.avals_in)
                   and _native.available())
