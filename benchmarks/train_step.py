@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import distorted_mnist  # noqa: E402
@@ -49,8 +50,6 @@ def jax_step(arg: str, input_shape, batch: int, width: int | None = None):
     c = distorted_mnist.get_config(arg)
     if width:
         c.model.options.width = width
-    from flax import nnx
-
     model = models.create_model(c.model.name, transform=c.model.transform or None, input_shape=input_shape,
                                 num_classes=10, rngs=nnx.Rngs(0), **c.model.options.to_dict())
     graphdef, params, rest = train.split_model(model)

@@ -16,11 +16,12 @@ Training: the paper gives no schedule for A.1 [U]; we use distorted MNIST's
 momentum 0.9 [U]) and its ~400k parameter budget [U].
 
 Expected result (Table 4, error %): FCN 47.7, CNN 14.7, ST-FCN Aff/Proj/TPS
-22.6/18.5/19.1, 2xST-FCN Aff/Proj/TPS 9.0/5.9/5.8. Wall time: a 2xST-FCN step at
-batch 256 took about 0.15 s on the 2-core CPU of docs/benchmarks.md (measured
-under load, docs/data.md: about 6 hours for 150k steps); the CNN is far slower
-there (its convolutions on 42x42, like distorted MNIST's CNN); ``tiny`` takes
-about 30 s.
+22.6/18.5/19.1, 2xST-FCN Aff/Proj/TPS 9.0/5.9/5.8. Wall time, measured on the
+2-core CPU of docs/benchmarks.md by the study's 3,000-step runs (batch 64,
+docs/results.md): the 2xST-FCN trains at about 2,200 examples/s (about 0.12 s
+per batch-256 step, 5 hours for 150k steps), the FCN at 5,400, the CNN at about
+50 (its convolutions on 42x42, like distorted MNIST's CNN: about 9 days for
+150k steps here); ``tiny`` takes about 30 s.
 """
 
 from __future__ import annotations
