@@ -34,6 +34,11 @@ NaN coordinates read nothing (output 0, gradient 0). The integer cell ``c`` is
 computed once and passed through a fusion barrier, so every gather, scatter
 and weight derives from the same value (see ``_fusion_barrier``).
 
+Indices are int32, so the images of one problem (``flat``, whatever vmap
+folds into it, and the image gradient) hold at most `MAX_ELEMENTS`; the entry
+point and the batching rules raise ValueError beyond that, on static shapes.
+Empty problems (no rows, points or channels) lower to zeros.
+
 On CPU, float32 problems run native kernels (``stn_jax/_native``) unless
 ``STN_JAX_CPU_SAMPLER=xla``; everywhere else the pure-JAX lowering below runs.
 """
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Sequence
 
 import jax
@@ -56,6 +62,15 @@ from stn_jax import _native
 _PROMISE = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 _NOT_MAPPED = None  # how batching rules mark an unmapped operand
 KERNELS = ("linear", "nearest")
+MAX_ELEMENTS = 2**31 - 1  # int32 indices: the most elements the images of one problem may hold
+
+
+def check_length(length: int, what: str) -> None:
+    """Raises ValueError when ``length`` image elements cannot be indexed with int32."""
+    if length > MAX_ELEMENTS:
+        raise ValueError(
+            f"{what} hold {length} elements in all; one sampler call may hold at most 2**31 - 1 = "
+            f"{MAX_ELEMENTS} (the sampler indexes with int32): sample the batch in chunks")
 
 
 # --------------------------------------------------------------------------
@@ -137,6 +152,8 @@ def _corners(coords, sizes, offsets, channels, kernel, orders):
 
 def _interp_impl(flat, *coords, sizes, offsets, channels, kernel, orders, cpu_impl):
     dtype = coords[0].dtype
+    if coords[0].size == 0 or channels == 0:
+        return jnp.zeros((len(orders),) + coords[0].shape + (channels,), dtype)
     dn = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
     out = [[jnp.zeros(coords[0].shape, dtype)] * channels for _ in orders]
     for idx, weights in _corners(coords, sizes, offsets, channels, kernel, orders):
@@ -148,6 +165,8 @@ def _interp_impl(flat, *coords, sizes, offsets, channels, kernel, orders, cpu_im
 
 
 def _spread_impl(ct, *coords, sizes, offsets, channels, kernel, orders, cpu_impl, length):
+    if ct.size == 0 or length == 0:
+        return jnp.zeros((length,), ct.dtype)
     dn = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,))
     idx, upd = [], []
     for i, weights in _corners(coords, sizes, offsets, channels, kernel, orders):
@@ -202,8 +221,10 @@ def _cpu_lowering(name: str, xla_rule):
         # A single-channel read of values alone is where XLA:CPU's fused gathers beat
         # the native kernel (2-3x, docs/benchmarks.md), so "native" leaves it to XLA.
         xla_wins = name == "interp" and channels == 1 and all(not any(o) for o in orders)
-        native = (cpu_impl == "native" and not xla_wins and all(a.dtype == np.float32 for a in ctx.avals_in)
-                  and _native.available())
+        # Empty problems go to the XLA lowering too: it returns zeros without reading anything.
+        empty = any(math.prod(a.shape) == 0 for a in (*ctx.avals_in, *ctx.avals_out))
+        native = (cpu_impl == "native" and not xla_wins and not empty
+                  and all(a.dtype == np.float32 for a in ctx.avals_in) and _native.available())
         if not native:
             return xla_rule(ctx, *args, cpu_impl=cpu_impl, **params, **rest)
         return jax.ffi.ffi_lowering(f"stn_{name}_f32")(
@@ -335,7 +356,8 @@ def _fold(x, dim, size, axis):
     """Moves the mapped axis of ``x`` (or a broadcast one) to ``axis`` and merges it with the next."""
     x = jnp.broadcast_to(x, (size,) + x.shape) if dim is _NOT_MAPPED else jnp.moveaxis(x, dim, 0)
     x = jnp.moveaxis(x, 0, axis)
-    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+    # Explicit sizes, not -1: a reshape cannot infer -1 when another axis is 0 (an empty batch).
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
 def _folded_offsets(offsets, size, length, image_mapped):
@@ -354,11 +376,13 @@ def _interp_batch(args, dims, **params):
     mapped = fdim is not _NOT_MAPPED
     length = flat.shape[1 - fdim] if mapped else flat.shape[0]
     if mapped:
-        flat = jnp.moveaxis(flat, fdim, 0).reshape(-1)
+        check_length(size * length, f"the images (a batch of {size} of {length} elements each, under vmap)")
+        flat = jnp.moveaxis(flat, fdim, 0).reshape(size * length)
+    rows = len(params["offsets"])
     coords = [_fold(c, d, size, 0) for c, d in zip(coords, cdims)]
     offsets = _folded_offsets(params["offsets"], size, length, mapped)
     out = interp_p.bind(flat, *coords, **{**params, "offsets": offsets})  # (n, size * M, P, C)
-    return out.reshape(out.shape[:1] + (size, -1) + out.shape[2:]), 1
+    return out.reshape(out.shape[:1] + (size, rows) + out.shape[2:]), 1
 
 
 def _spread_batch(args, dims, **params):
@@ -368,6 +392,7 @@ def _spread_batch(args, dims, **params):
     ct = _fold(ct, ctdim, size, 1)  # (n, size * M, P, C)
     coords = [_fold(c, d, size, 0) for c, d in zip(coords, cdims)]
     length = params["length"]
+    check_length(size * length, f"the image gradients (a batch of {size} of {length} elements each, under vmap)")
     offsets = _folded_offsets(params["offsets"], size, length, True)
     out = spread_p.bind(ct, *coords, **{**params, "offsets": offsets, "length": size * length})
     return out.reshape(size, length), 0
@@ -395,10 +420,7 @@ def interpolate(flat, coords, *, sizes, offsets, channels, kernel="linear"):
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if flat.size >= 2**31:
-        raise ValueError(
-            f"the images hold {flat.size} elements; the sampler indexes with int32 "
-            "(at most 2**31 - 1): sample the batch in chunks")
+    check_length(flat.size, f"the images ({flat.shape} raveled)")
     params = dict(sizes=tuple(int(s) for s in sizes), offsets=tuple(int(o) for o in offsets),
                   channels=int(channels), kernel=kernel, orders=((0,) * len(coords),),
                   cpu_impl=_native.cpu_sampler())

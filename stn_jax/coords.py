@@ -17,13 +17,57 @@ Pixel coordinates put the centre of pixel ``i`` at ``i``. See
 
 from __future__ import annotations
 
-from typing import Sequence
+import operator
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 PADDING_MODES = ("zeros", "border", "reflection")
+
+
+# ----------------------------------------------------------------------------
+# Argument checks shared by the sampler, the transforms and the modules. They
+# look at Python values and static shapes only, so they cost nothing under jit.
+# ----------------------------------------------------------------------------
+
+
+def as_size(size: Any, name: str, *, n: int | None = None, arg: str = "size", minimum: int = 1) -> tuple[int, ...]:
+    """``size`` as a tuple of ints, or a ValueError naming ``name``, ``arg`` and the value.
+
+    Accepts any sequence (or 1-D array) of Python or NumPy integers; rejects
+    floats (even integral ones, as NumPy does for shapes), strings, bools,
+    values below ``minimum`` and, when ``n`` is given, a length other than ``n``.
+    """
+    def error() -> ValueError:
+        count = f"{n} " if n is not None else ""
+        lower = {0: "non-negative", 1: "positive"}.get(minimum, f">= {minimum}")
+        return ValueError(f"{name}: {arg} must be a sequence of {count}{lower} ints, got {size!r}")
+
+    if isinstance(size, (str, bytes)) or not np.iterable(size):
+        raise error()
+    out = []
+    for s in size:
+        if isinstance(s, (bool, np.bool_)):
+            raise error()
+        try:
+            out.append(operator.index(s))
+        except TypeError:  # floats, strings, traced values
+            raise error() from None
+    if (n is not None and len(out) != n) or any(s < minimum for s in out):
+        raise error()
+    return tuple(out)
+
+
+def check_bool(value: Any, name: str, arg: str = "align_corners") -> bool:
+    """``value`` as a bool if it is one (Python or NumPy), else a ValueError naming ``arg``.
+
+    Strings such as ``"False"`` and ints are rejected: ``bool("False")`` is True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: {arg} must be a bool (True or False), got {value!r}")
+    return bool(value)
 
 
 def normalized_to_pixel(coord: jax.Array, size: int, align_corners: bool = False) -> jax.Array:

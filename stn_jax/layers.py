@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -53,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from stn_jax import sampler, transforms
-from stn_jax.coords import PADDING_MODES
+from stn_jax.coords import PADDING_MODES, as_size, check_bool
 
 __all__ = [
     "LocalisationParam", "as_localisation", "Bound", "FCBody", "ConvBody", "RegressionHead",
@@ -83,6 +84,23 @@ def as_localisation(module: nnx.Module) -> nnx.Module:
         else:
             setattr(parent, path[-1], new)
     return module
+
+
+def _check_rngs(rngs: Any, name: str) -> None:
+    if not isinstance(rngs, nnx.Rngs):
+        raise ValueError(f"{name}: rngs must be an nnx.Rngs (e.g. rngs=nnx.Rngs(0)), got {rngs!r}")
+
+
+def _check_input(x: jax.Array, shape: tuple[int, ...], name: str, arg: str = "input") -> jax.Array:
+    """``x`` as an array if its trailing axes are ``shape`` (channels last), else a ValueError naming both.
+
+    Shapes are static, so under `jax.jit` this costs nothing at run time.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape):]) != tuple(shape):
+        expected = "(..., " + ", ".join(str(n) for n in shape) + ")"
+        raise ValueError(f"{name}: expected {arg} of shape {expected} (channels last), got {tuple(x.shape)}")
+    return x
 
 
 def count_params(module: nnx.Module, variable_filter=nnx.Param) -> int:
@@ -184,7 +202,8 @@ class Flatten(nnx.Module):
         self.ndim = int(ndim)
 
     def __call__(self, x):
-        return x.reshape(x.shape[:x.ndim - self.ndim] + (-1,))
+        # An explicit size, not -1: a reshape cannot infer -1 for an empty batch.
+        return x.reshape(x.shape[:x.ndim - self.ndim] + (math.prod(x.shape[x.ndim - self.ndim:]),))
 
 
 # ----------------------------------------------------------------------------
@@ -200,9 +219,10 @@ class FCBody(nnx.Module):
     """
 
     def __init__(self, input_shape: Sequence[int], hidden: Sequence[int] = (32, 32, 32), *, rngs: nnx.Rngs):
-        input_shape = tuple(int(s) for s in input_shape)
-        hidden = tuple(int(h) for h in hidden)
-        if not hidden or min(hidden) < 1:
+        _check_rngs(rngs, "FCBody")
+        input_shape = as_size(input_shape, "FCBody", arg="input_shape")
+        hidden = as_size(hidden, "FCBody", arg="hidden")
+        if not hidden:
             raise ValueError(f"FCBody: hidden must be a non-empty sequence of positive widths, got {hidden}")
         self.input_shape = input_shape
         self.flatten = Flatten(len(input_shape))
@@ -211,7 +231,7 @@ class FCBody(nnx.Module):
         self.out_features = hidden[-1]
 
     def __call__(self, x):
-        x = self.flatten(x)
+        x = self.flatten(_check_input(x, self.input_shape, "FCBody"))
         for layer in self.layers:
             x = jax.nn.relu(layer(x))
         return x
@@ -239,9 +259,16 @@ class ConvBody(nnx.Module):
     def __init__(self, input_shape: Sequence[int], channels: Sequence[int] = (20, 20), kernel_size: int = 5,
                  fc: Sequence[int] = (20,), downsample: str | None = "max",
                  pool_after: Sequence[bool] | None = None, padding: str = "VALID", *, rngs: nnx.Rngs):
-        input_shape = tuple(int(s) for s in input_shape)
-        channels = tuple(int(c) for c in channels)
-        fc = tuple(int(f) for f in fc)
+        _check_rngs(rngs, "ConvBody")
+        input_shape = as_size(input_shape, "ConvBody", arg="input_shape")
+        channels = as_size(channels, "ConvBody", arg="channels")
+        fc = as_size(fc, "ConvBody", arg="fc")
+        try:
+            kernel_size = operator.index(kernel_size)
+        except TypeError:
+            raise ValueError(f"ConvBody: kernel_size must be a positive int, got {kernel_size!r}") from None
+        if kernel_size < 1:
+            raise ValueError(f"ConvBody: kernel_size must be a positive int, got {kernel_size!r}")
         nd = len(input_shape) - 1
         if nd not in (2, 3):
             raise ValueError(f"ConvBody: input_shape must be (H, W, C) or (D, H, W, C), got {input_shape}")
@@ -280,6 +307,7 @@ class ConvBody(nnx.Module):
         self.feature_shape = tuple(size) + (cin,)
 
     def __call__(self, x):
+        x = _check_input(x, self.input_shape, "ConvBody")
         if self.downsample:
             x = pool(x, 2, kind=self.downsample, spatial_dims=self.spatial_dims)
         for conv, p in zip(self.convs, self.pool_after):
@@ -331,9 +359,6 @@ def _body_features(body: nnx.Module, input_shape: Sequence[int]) -> int:
 # Bounded parameterisations.
 # ----------------------------------------------------------------------------
 
-_TRANSLATION_INDEX = {"affine": (2, 5), "attention": (1, 2), "projective": (2, 5), "affine3d": (3, 7, 11)}
-
-
 @dataclasses.dataclass(frozen=True)
 class Bound:
     """Optional squashing of the regressed parameters (landscape B10: transforms drifting off the image).
@@ -375,8 +400,9 @@ class Bound:
             if len(self.scale) != 2 or not self.scale[0] < 1.0 < self.scale[1]:
                 raise ValueError(f"bound 'scale' must be (low, high) with low < 1 < high, got {self.scale}")
         if self.translation is not None:
-            if transform not in _TRANSLATION_INDEX:
-                raise ValueError(f"bound 'translation' applies to {sorted(_TRANSLATION_INDEX)}, not {transform!r}")
+            translating = sorted(t.name for t in transforms.TRANSFORMS.values() if t.translation_index)
+            if transform not in translating:
+                raise ValueError(f"bound 'translation' applies to {translating}, not {transform!r}")
             if not self.translation > 0:
                 raise ValueError(f"bound 'translation' must be positive, got {self.translation}")
         if self.offset is not None:
@@ -392,7 +418,7 @@ class Bound:
             lo, hi = self.scale
             theta = theta.at[..., 0].set(lo + (hi - lo) * jax.nn.sigmoid(raw[..., 0]))
         if self.translation is not None:
-            idx = np.asarray(_TRANSLATION_INDEX[transform])
+            idx = np.asarray(transforms.get_transform(transform).translation_index)
             theta = theta.at[..., idx].set(self.translation * jnp.tanh(raw[..., idx]))
         if self.offset is not None:
             theta = self.offset * jnp.tanh(raw)
@@ -406,7 +432,7 @@ class Bound:
             u = (raw[..., 0] - lo) / (hi - lo)
             raw[..., 0] = np.log(u) - np.log1p(-u)
         if self.translation is not None:
-            idx = np.asarray(_TRANSLATION_INDEX[transform])
+            idx = np.asarray(transforms.get_transform(transform).translation_index)
             raw[..., idx] = np.arctanh(raw[..., idx] / self.translation)
         if self.offset is not None:
             raw = np.arctanh(raw / self.offset)
@@ -425,6 +451,7 @@ class RegressionHead(nnx.Module):
     """
 
     def __init__(self, in_features: int, bias: np.ndarray, *, init_std: float = 0.0, rngs: nnx.Rngs):
+        _check_rngs(rngs, "RegressionHead")
         bias = np.asarray(bias, np.float32)
         kernel_init = (nnx.initializers.normal(init_std) if init_std > 0 else nnx.initializers.zeros_init())
         self.linear = nnx.Linear(in_features, bias.shape[0], kernel_init=kernel_init, rngs=rngs)
@@ -461,7 +488,10 @@ class SpatialTransformer(nnx.Module):
     ``loc_input`` when given (e.g. richer features of the same image) and ``x``
     otherwise. Returns ``warped (B, *output_size, C)`` and ``theta (B,
     num_params)``, the parameters in the transform registry's meaning (after
-    any bound), ready for ``transform.make_grid``.
+    any bound), ready for ``transform.make_grid``. An ``x`` whose trailing axes
+    are not ``input_shape`` (e.g. a channels-first batch) or that is not
+    floating-point raises ValueError naming both shapes (static: free under
+    jit); a batch of 0 gives empty outputs.
     """
 
     def __init__(self, input_shape: Sequence[int], transform: str = "affine", *,
@@ -469,15 +499,16 @@ class SpatialTransformer(nnx.Module):
                  align_corners: bool = False, mode: str = "bilinear", padding_mode: str = "zeros",
                  pad_value: float | Sequence[float] = 0.0, bound: Bound | Mapping | None = None,
                  head_init_std: float = 0.0, loc_input_shape: Sequence[int] | None = None, rngs: nnx.Rngs):
+        _check_rngs(rngs, "SpatialTransformer")
         t = transforms.get_transform(transform)
-        input_shape = tuple(int(s) for s in input_shape)
         nd = t.spatial_dims
-        if len(input_shape) != nd + 1 or min(input_shape) < 1:
+        input_shape = as_size(input_shape, "SpatialTransformer", arg="input_shape")
+        if len(input_shape) != nd + 1:
             layout = "(H, W, C)" if nd == 2 else "(D, H, W, C)"
             raise ValueError(f"SpatialTransformer({transform!r}): input_shape must be {layout}, got {input_shape}")
-        output_size = input_shape[:nd] if output_size is None else tuple(int(s) for s in output_size)
-        if len(output_size) != nd or min(output_size) < 1:
-            raise ValueError(f"SpatialTransformer: output_size must be {nd} positive ints, got {output_size}")
+        output_size = (input_shape[:nd] if output_size is None
+                       else as_size(output_size, "SpatialTransformer", n=nd, arg="output_size"))
+        align_corners = check_bool(align_corners, "SpatialTransformer")
         modes = sampler.MODES_2D if nd == 2 else sampler.MODES_3D
         if mode not in modes:
             raise ValueError(f"SpatialTransformer: mode must be one of {modes}, got {mode!r}")
@@ -495,9 +526,14 @@ class SpatialTransformer(nnx.Module):
             bound.check(transform)
         self.transform, self.input_shape, self.output_size = transform, input_shape, output_size
         self.num_params, self.spatial_dims = t.num_params, nd
-        self.align_corners, self.mode, self.padding_mode = bool(align_corners), mode, padding_mode
+        self.align_corners, self.mode, self.padding_mode = align_corners, mode, padding_mode
         self.pad_value, self.bound = pad_value, bound
-        loc_shape = input_shape if loc_input_shape is None else tuple(int(s) for s in loc_input_shape)
+        loc_shape = (input_shape if loc_input_shape is None
+                     else as_size(loc_input_shape, "SpatialTransformer", arg="loc_input_shape"))
+        # The shape loc_input must have: given, or the built-in body's (a module passed in
+        # as the body may take anything, and checks its own input).
+        self.loc_input_shape = (loc_shape if loc_input_shape is not None or not isinstance(localisation, nnx.Module)
+                                else None)
         self.body = as_localisation(make_localisation_body(localisation, loc_shape, rngs=rngs))
         identity = np.asarray(t.identity, np.float64)
         bias = identity if bound is None else bound.inverse(identity, transform)
@@ -532,6 +568,12 @@ class SpatialTransformer(nnx.Module):
         return identity_penalty([theta], [self.identity])
 
     def __call__(self, x: jax.Array, loc_input: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        x = _check_input(x, self.input_shape, "SpatialTransformer", "x")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"SpatialTransformer: x must be a floating-point array (e.g. uint8 images / 255), "
+                             f"got dtype {x.dtype}")
+        if loc_input is not None and self.loc_input_shape is not None:
+            loc_input = _check_input(loc_input, self.loc_input_shape, "SpatialTransformer", "loc_input")
         theta = self.localise(x if loc_input is None else loc_input)
         return self.sample(x, self.grid(theta)), theta
 

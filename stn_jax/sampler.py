@@ -18,10 +18,17 @@ nearest sampling is zero.
 Points with a NaN coordinate read nothing: the output is 0 and the gradient
 0, in every padding mode. An infinite coordinate reads 0 with ``"zeros"`` and
 ``"reflection"`` padding and the edge pixel with ``"border"``.
+
+Arguments are checked on their Python values and static shapes (free under
+`jax.jit`); a bad one raises ``ValueError`` naming it. Empty inputs (a batch
+of 0, 0 channels, an output grid with a 0-sized axis) give empty outputs and
+gradients of the broadcast shape, as NumPy would. The images of one call may
+hold at most `MAX_ELEMENTS` elements in all (indices are int32).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -29,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from stn_jax import transforms
-from stn_jax._interp import interpolate
-from stn_jax.coords import PADDING_MODES, apply_padding, normalized_to_pixel
+from stn_jax._interp import MAX_ELEMENTS, interpolate
+from stn_jax.coords import PADDING_MODES, apply_padding, as_size, check_bool, normalized_to_pixel
 
 MODES_2D = ("bilinear", "nearest")
 MODES_3D = ("bilinear", "trilinear", "nearest")
@@ -45,8 +52,7 @@ def _check(image, grid, ndim: int, mode: str, modes: Sequence[str], padding_mode
         raise ValueError(f"{name}: mode must be one of {modes}, got {mode!r}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{name}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-    if not isinstance(align_corners, (bool, np.bool_)):
-        raise ValueError(f"{name}: align_corners must be a bool, got {align_corners!r}")
+    check_bool(align_corners, name)
     for arg, x, lay in (("image", image, layout), ("grid", grid, glayout)):
         if x.ndim < ndim + 1:
             raise ValueError(f"{name}: {arg} must have shape {lay}, got shape {x.shape}")
@@ -65,6 +71,10 @@ def _check(image, grid, ndim: int, mode: str, modes: Sequence[str], padding_mode
             f"{name}: the batch dimensions of image {image.shape[:-ndim - 1]} and grid "
             f"{grid.shape[:-ndim - 1]} do not broadcast (image shape {image.shape}, "
             f"grid shape {grid.shape})") from None
+    if image.size > MAX_ELEMENTS:
+        raise ValueError(
+            f"{name}: image of shape {image.shape} holds {image.size} elements in all; one call may hold at most "
+            f"2**31 - 1 = {MAX_ELEMENTS} (the sampler indexes with int32): sample the batch in chunks")
 
 
 def _sample_one(image, grid, *, ndim, kernel, padding_mode, align_corners):
@@ -86,7 +96,7 @@ def _map_batch(fn: Callable, image, grid, nbatch: int):
     """Maps ``fn`` over ``nbatch`` leading axes with `jax.vmap`; size-1 axes broadcast."""
     if nbatch == 0:
         return fn(image, grid)
-    n = max(image.shape[0], grid.shape[0])
+    n = grid.shape[0] if image.shape[0] == 1 else image.shape[0]  # the broadcast size (0 beats 1)
     image_axis = 0 if image.shape[0] == n else None
     grid_axis = 0 if grid.shape[0] == n else None
     image = image if image_axis == 0 else image[0]
@@ -99,6 +109,10 @@ def _sample(image, grid, *, ndim, mode, modes, padding_mode, align_corners):
     image, grid = jnp.asarray(image), jnp.asarray(grid)
     _check(image, grid, ndim, mode, modes, padding_mode, align_corners)
     nbatch = max(image.ndim, grid.ndim) - ndim - 1
+    out_shape = (np.broadcast_shapes(image.shape[:-ndim - 1], grid.shape[:-ndim - 1])
+                 + grid.shape[-ndim - 1:-1] + image.shape[-1:])
+    if math.prod(out_shape) == 0:  # nothing to read or write (an empty image implies this)
+        return jnp.zeros(out_shape, image.dtype)
     image = image.reshape((1,) * (nbatch + ndim + 1 - image.ndim) + image.shape)
     grid = grid.reshape((1,) * (nbatch + ndim + 1 - grid.ndim) + grid.shape)
     fn = lambda i, g: _sample_one(
@@ -123,7 +137,14 @@ def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zer
 
     Returns:
       ``(..., H_out, W_out, C)`` in the image's dtype; interpolation weights and
-      sums are computed in float32 (float64 for a float64 grid).
+      sums are computed in float32 (float64 for a float64 grid). Empty (of that
+      shape) when the batch, ``C`` or an output axis is 0.
+
+    Raises:
+      ValueError: a bad rank, dtype (integer images are rejected, not cast),
+        mode, padding mode or ``align_corners`` (must be a bool), batch
+        dimensions that do not broadcast, an empty spatial axis, or images
+        holding more than `MAX_ELEMENTS` elements in all (docs/sampler.md).
     """
     return _sample(image, grid, ndim=2, mode=mode, modes=MODES_2D, padding_mode=padding_mode,
                    align_corners=align_corners)
@@ -148,10 +169,10 @@ def warp(image, params, size: Sequence[int] | None = None, transform: str = "aff
       image: ``(..., H, W, C)`` (or ``(..., D, H, W, C)`` for ``"affine3d"``).
       params: ``(..., n)`` transform parameters (see `stn_jax.TRANSFORMS`); the
         affine, projective and 3-D affine transforms also take their matrices.
-      size: output spatial size ``(H_out, W_out)`` (or ``(D_out, H_out, W_out)``);
-        defaults to the input's.
+      size: output spatial size ``(H_out, W_out)`` (or ``(D_out, H_out, W_out)``),
+        non-negative ints (a 0 gives an empty output); defaults to the input's.
       transform: a name registered in `stn_jax.TRANSFORMS`.
-      align_corners: used for both the grid and the sampling.
+      align_corners: used for both the grid and the sampling (a bool).
       **sampler_options: ``mode`` and ``padding_mode`` of `grid_sample`.
 
     Example: ``warp(images, theta, (28, 28))`` crops/rotates/scales ``images`` by
@@ -159,8 +180,15 @@ def warp(image, params, size: Sequence[int] | None = None, transform: str = "aff
     """
     t = transforms.get_transform(transform)
     image = jnp.asarray(image)
-    if size is None:
-        size = image.shape[-t.spatial_dims - 1:-1]
-    grid = t.make_grid(params, size, align_corners=align_corners)
+    nd = t.spatial_dims
+    check_bool(align_corners, "warp")
+    if image.ndim < nd + 1:
+        layout = "(..., H, W, C)" if nd == 2 else "(..., D, H, W, C)"
+        raise ValueError(f"warp: image must have shape {layout} for the {transform!r} transform, "
+                         f"got shape {image.shape}")
+    size = image.shape[-nd - 1:-1] if size is None else as_size(size, "warp", n=nd, arg="size", minimum=0)
+    grid = t.make_grid(params, tuple(max(n, 1) for n in size), align_corners=align_corners)
+    if 0 in size:  # an empty output: grids have positive sizes, so build one pixel and cut it off
+        grid = grid[(Ellipsis,) + tuple(slice(0, n) for n in size) + (slice(None),)]
     sample = grid_sample if t.spatial_dims == 2 else grid_sample_3d
     return sample(image, grid, align_corners=align_corners, **sampler_options)

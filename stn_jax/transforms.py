@@ -22,17 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stn_jax.coords import identity_grid, pixel_centers
+from stn_jax.coords import as_size, check_bool, identity_grid, pixel_centers
 
 
 def _as_size(size: Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    try:
-        size = tuple(int(s) for s in size)
-    except TypeError:
-        raise ValueError(f"{name}: size must be a sequence of {n} positive ints, got {size!r}") from None
-    if len(size) != n or min(size) < 1:
-        raise ValueError(f"{name}: size must be {n} positive ints, got {size}")
-    return size
+    """``size`` as ``n`` positive ints (ints only: ``14.5`` and ``"14"`` raise ValueError)."""
+    return as_size(size, name, n=n, arg="size")
 
 
 def _matrix(params, rows: int, cols: int, name: str) -> jax.Array:
@@ -85,6 +80,7 @@ def affine_grid(theta, size: Sequence[int], align_corners: bool = False) -> jax.
       ``(..., H_out, W_out, 2)``, equal to ``torch.nn.functional.affine_grid``.
     """
     size = _as_size(size, 2, "affine_grid")
+    align_corners = check_bool(align_corners, "affine_grid")
     return jnp.stack(_homogeneous_map(_matrix(theta, 2, 3, "affine_grid"), size, align_corners), -1)
 
 
@@ -95,6 +91,7 @@ def affine_grid_3d(theta, size: Sequence[int], align_corners: bool = False) -> j
     ``size`` is ``(D_out, H_out, W_out)``; returns ``(..., D_out, H_out, W_out, 3)``.
     """
     size = _as_size(size, 3, "affine_grid_3d")
+    align_corners = check_bool(align_corners, "affine_grid_3d")
     return jnp.stack(_homogeneous_map(_matrix(theta, 3, 4, "affine_grid_3d"), size, align_corners), -1)
 
 
@@ -141,6 +138,7 @@ def projective_grid(params, size: Sequence[int], align_corners: bool = False, ep
       size: ``(H_out, W_out)``.
     """
     size = _as_size(size, 2, "projective_grid")
+    align_corners = check_bool(align_corners, "projective_grid")
     u, v, w = _homogeneous_map(projective_matrix(params), size, align_corners)
     w = jnp.where(jnp.abs(w) < eps, jnp.where(w < 0, -eps, eps).astype(w.dtype), w)
     return jnp.stack([u / w, v / w], -1)
@@ -206,6 +204,7 @@ def tps_grid(params, size: Sequence[int], control_points=None, align_corners: bo
       regularization: Tikhonov weight added to the kernel's diagonal (0 interpolates exactly).
     """
     size = _as_size(size, 2, "tps_grid")
+    align_corners = check_bool(align_corners, "tps_grid")
     points = default_control_points() if control_points is None else np.asarray(control_points, np.float64)
     if points.ndim != 2 or points.shape[1] != 2 or len(points) < 3:
         raise ValueError(f"tps_grid: control_points must be (K, 2) with K >= 3, got shape {points.shape}")
@@ -286,6 +285,13 @@ class Transform:
         layer's initial bias).
       spatial_dims: 2 for images, 3 for volumes.
       grid_fn: ``(params (..., num_params), size, align_corners) -> grid``.
+      short_name: the abbreviation used in model names (``ST-CNN Aff``).
+      translation_index: positions of the translation parameters in the vector
+        (``()`` when the transform has no separate translation, e.g. TPS); used
+        by bounded parameterisations.
+
+    Adding a transform is one entry in `TRANSFORMS`: the modules, the models,
+    the configs and the study tables all read their choices from it.
     """
 
     name: str
@@ -293,6 +299,8 @@ class Transform:
     identity: np.ndarray
     spatial_dims: int
     grid_fn: Callable[..., jax.Array]
+    short_name: str
+    translation_index: tuple[int, ...] = ()
 
     def make_grid(self, params, size: Sequence[int], align_corners: bool = False) -> jax.Array:
         """The sampling grid ``(..., *size, spatial_dims)`` for ``params``."""
@@ -303,13 +311,14 @@ _TPS_POINTS = default_control_points()
 
 TRANSFORMS: dict[str, Transform] = {
     t.name: t for t in [
-        Transform("affine", 6, np.array([1.0, 0, 0, 0, 1, 0], np.float32), 2, affine_grid),
-        Transform("attention", 3, np.array([1.0, 0, 0], np.float32), 2, attention_grid),
-        Transform("projective", 8, np.array([1.0, 0, 0, 0, 1, 0, 0, 0], np.float32), 2, projective_grid),
+        Transform("affine", 6, np.array([1.0, 0, 0, 0, 1, 0], np.float32), 2, affine_grid, "Aff", (2, 5)),
+        Transform("attention", 3, np.array([1.0, 0, 0], np.float32), 2, attention_grid, "Att", (1, 2)),
+        Transform("projective", 8, np.array([1.0, 0, 0, 0, 1, 0, 0, 0], np.float32), 2, projective_grid, "Proj",
+                  (2, 5)),
         Transform("tps", 2 * len(_TPS_POINTS), np.zeros(2 * len(_TPS_POINTS), np.float32), 2,
-                  lambda p, size, ac: tps_grid(p, size, align_corners=ac)),
+                  lambda p, size, ac: tps_grid(p, size, align_corners=ac), "TPS"),
         Transform("affine3d", 12, np.array([1.0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0], np.float32), 3,
-                  affine_grid_3d),
+                  affine_grid_3d, "Aff3D", (3, 7, 11)),
     ]
 }
 

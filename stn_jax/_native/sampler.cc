@@ -49,6 +49,7 @@ struct Problem {
   int64_t rows;      // M
   int64_t points;    // P per row
   int64_t channels;  // C
+  int64_t extent;    // elements of one image
   bool nearest;
   bool derivative[kMaxDims];  // whether any order differentiates along the axis
   const float* coords[kMaxDims];
@@ -231,12 +232,15 @@ ffi::Error MakeProblem(const ffi::RemainingArgs& coord_args, ffi::Span<const int
       return ffi::Error::InvalidArgument("stn: coordinate arrays differ in shape");
     }
     p->coords[a] = buf->typed_data();
+    if (sizes[a] < 1) return ffi::Error::InvalidArgument("stn: spatial sizes must be positive");
     p->size[a] = sizes[a];
     p->stride[a] = stride;
     stride *= sizes[a];
   }
   if (n_offsets != p->rows) return ffi::Error::InvalidArgument("stn: one offset per row expected");
+  if (channels < 1) return ffi::Error::InvalidArgument("stn: channels must be positive");
   p->channels = channels;
+  p->extent = stride;  // elements of one image: channels * prod(sizes)
   p->nearest = kernel == 1;
   return ffi::Error::Success();
 }
@@ -301,6 +305,17 @@ void SpreadRows(ffi::ThreadPool& pool, const Problem& p, const float* cot, const
   });
 }
 
+// Every row's image must lie inside the flat buffer of `length` elements: the
+// kernels index without bounds checks (64-bit offsets, so any length works).
+ffi::Error CheckOffsets(const Problem& p, ffi::Span<const int64_t> offsets, int64_t length) {
+  for (int64_t m = 0; m < p.rows; ++m) {
+    if (offsets[m] < 0 || offsets[m] > length - p.extent) {
+      return ffi::Error::InvalidArgument("stn: an image offset points outside the flat image buffer");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 // Instantiates `Rows<kDims, kTaps>` for the problem's dimensionality and kernel.
 #define STN_DISPATCH(Rows, ...)                                              \
   if (p.ndim == 2) {                                                        \
@@ -317,6 +332,7 @@ ffi::Error Interp(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> flat, ffi::Remaini
   if (auto err = MakeProblem(coord_args, sizes, orders, channels, kernel, offsets.size(), &p); !err.success()) {
     return err;
   }
+  if (auto err = CheckOffsets(p, offsets, static_cast<int64_t>(flat.element_count())); !err.success()) return err;
   STN_DISPATCH(InterpRows, pool, p, flat.typed_data(), offsets.begin(), out->typed_data());
   return ffi::Error::Success();
 }
@@ -331,6 +347,7 @@ ffi::Error Spread(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> ct, ffi::Remaining
   }
   float* grad = out->typed_data();
   const int64_t length = static_cast<int64_t>(out->element_count());
+  if (auto err = CheckOffsets(p, offsets, length); !err.success()) return err;
   constexpr int64_t kFill = 1 << 18;
   ParallelFor(pool, (length + kFill - 1) / kFill, [&](int64_t t) {
     std::fill(grad + t * kFill, grad + std::min(length, (t + 1) * kFill), 0.0f);
