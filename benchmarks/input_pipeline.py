@@ -9,7 +9,7 @@ For each task it reports, at the given batch size:
   backward, SGD update) of the task's reference model on a fixed batch —
   ST-CNN (affine) for R/RTS/P/E/TC, 2xST-FCN (affine) for addition, the 3-D
   ST model for 3-D MNIST; none for co-localisation (its loss is not
-  classification) — via `stn_jax.models` and `stn_jax.train`; "n/a" when
+  classification) — via `stn_jax.paper.models` and `stn_jax.paper.train`; "n/a" when
   those modules are missing or fail (the reason is printed);
 * ``loop``: examples/s of the two together, ``train_batch`` then the step,
   the training loop's steady state on this machine.
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stn_jax.data import TASKS, make_dataset  # noqa: E402
+from stn_jax.paper.data import TASKS, make_dataset  # noqa: E402
 
 # The reference model whose training step the pipeline must keep up with, per task.
 TRAIN_MODELS = {
@@ -74,25 +74,18 @@ def make_train_step(task: str, dataset):
     """``(step_fn, state)`` for the task's reference model, or raises (ImportError, ...) if unavailable.
 
     This is the place that depends on the model and trainer modules
-    (`stn_jax.models`, `stn_jax.train`).
+    (`stn_jax.paper.models`, `stn_jax.paper.train`).
     """
-    from flax import nnx
-
-    from stn_jax import models
-    from stn_jax import train as trainer
+    from stn_jax.paper import train as trainer
+    from stn_jax.paper.config import resolve
+    from stn_jax.paper.train_state import build
 
     name, transform = TRAIN_MODELS[task]
     config = _training_config()
     config.model.name, config.model.transform = name, transform
-    model = models.create_model(name, transform=transform, input_shape=tuple(dataset.image_shape),
-                                num_classes=dataset.num_classes, rngs=nnx.Rngs(0))
-    graphdef, params, rest = trainer.split_model(model)
-    tx = trainer.make_optimizer(config.optimizer)
-    step = jax.jit(trainer.make_train_step(graphdef, tx, trainer.make_schedule(config.optimizer), config),
-                   donate_argnums=0)
-    state = dict(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0),
-                 first_nonfinite_step=jnp.int32(-1))
-    return step, state
+    config.data.task = task
+    s = build(resolve(config), dataset.image_shape, dataset.num_classes, dataset)
+    return jax.jit(trainer.make_train_step(s), donate_argnums=0), s.state
 
 
 def train_rates(task: str, dataset, steps: int, warmup: int) -> tuple[float, float]:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import stn_jax
-from stn_jax._native import use_cpu_sampler
+from stn_jax import use_cpu_sampler
 
 try:
     import torch

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                    # markdown table
     python benchmarks/train_step.py --batch 256 --rounds 5 --json out.json
 
-JAX: the trainer's own step (`stn_jax.train.make_train_step`: forward, loss,
+JAX: the trainer's own step (`stn_jax.paper.train.make_train_step`: forward, loss,
 backward, SGD-momentum update, metrics) built from
 ``configs/distorted_mnist.py:rts,<model>[,affine]``, on random inputs (the
 input pipeline is measured by benchmarks/input_pipeline.py). PyTorch: the same
@@ -37,7 +37,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import distorted_mnist  # noqa: E402
-from stn_jax import models, train  # noqa: E402
+from stn_jax.paper import train  # noqa: E402
+from stn_jax.paper.config import resolve  # noqa: E402
+from stn_jax.paper.train_state import build  # noqa: E402
 
 try:
     import torch
@@ -50,13 +52,11 @@ def jax_step(arg: str, input_shape, batch: int, width: int | None = None):
     c = distorted_mnist.get_config(arg)
     if width:
         c.model.options.width = width
-    model = models.create_model(c.model.name, transform=c.model.transform or None, input_shape=input_shape,
-                                num_classes=10, rngs=nnx.Rngs(0), **c.model.options.to_dict())
-    graphdef, params, rest = train.split_model(model)
-    tx = train.make_optimizer(c.optimizer)
-    step = jax.jit(train.make_train_step(graphdef, tx, train.make_schedule(c.optimizer), c), donate_argnums=0)
-    state = dict(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0),
-                 first_nonfinite_step=jnp.int32(-1))
+    s = build(resolve(c), input_shape, 10)
+    model = nnx.merge(s.graphdef_eval, s.state.params["loc"], s.state.params["main"], s.rng_state,
+                      s.state.model_state)
+    step = jax.jit(train.make_train_step(s), donate_argnums=0)
+    state = s.state
     rng = np.random.default_rng(0)
     data = {"image": jnp.asarray(rng.random((batch, *input_shape), np.float32)),
             "label": jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))}

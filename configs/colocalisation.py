@@ -1,4 +1,4 @@
-"""Co-localisation (paper Appendix A.2; digest 2.5): ``get_config("t")`` or ``get_config("tc")``.
+"""Co-localisation (paper Appendix A.2): ``get_config("t")`` or ``get_config("tc")``.
 
 A 28x28 digit at a random place in an 84x84 image (``t``), plus sixteen 6x6
 clutter crops of training digits (``tc``). Batches carry ``box`` and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from stn_jax.data import default_config
+from configs.common import data_config
 
 VARIANTS = {"t": 0, "tc": 16}  # number of clutter crops [P]
 
@@ -26,10 +26,9 @@ def get_config(arg: str = "t") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown co-localisation variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.batch_size = 100                # [P] 100 images per run (digest 2.5)
+    c.batch_size = 100                # [P] 100 images per run
     c.model = ml_collections.ConfigDict()
     c.model.name = "coloc"
     c.model.transform = "attention"   # [P] attention (s, t_x, t_y)
-    c.data = default_config("coloc")
-    c.data.num_clutter = VARIANTS[variant]
+    c.data = data_config("coloc", num_clutter=VARIANTS[variant])
     return c

@@ -1,4 +1,4 @@
-"""Distorted MNIST (paper Sect. 4.1, Table 1; digest 2.1): ``get_config("task,model[,transform][,tiny]")``.
+"""Distorted MNIST (paper Sect. 4.1, Table 1): ``get_config("task,model[,transform][,tiny]")``.
 
     python -m experiments.train --config configs/distorted_mnist.py:rts,st_cnn,tps --workdir workdirs/rts_st_cnn_tps
     python -m experiments.train --config configs/distorted_mnist.py:tc,cnn --workdir workdirs/tc_cnn \\
@@ -6,11 +6,11 @@
 
 * task: ``r`` (rotated), ``rts`` (rotated, translated, scaled; 42x42), ``p``
   (projective), ``e`` (elastic), ``tc`` (translated + cluttered; 60x60);
-* model: ``fcn``, ``cnn``, ``st_fcn``, ``st_cnn`` (`stn_jax.models`; about
+* model: ``fcn``, ``cnn``, ``st_fcn``, ``st_cnn`` (`stn_jax.paper.models`; about
   400k parameters each, docs/models.md);
 * transform (ST models only): ``affine``, ``projective``, ``tps``; omit it (or
   write ``none``) for ``fcn`` and ``cnn``;
-* ``tiny`` (last): 60 steps of batch 32 and a 500-digit test set, to check a
+* ``tiny`` (last): 60 steps of batch 32 and a 512-digit class-balanced test set, to check a
   set-up end to end (about a minute on a 2-core CPU).
 
 Training is the paper's (A.4 [S]): SGD, batch 256, 150k iterations, learning
@@ -39,36 +39,23 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import finish, model_config, split_tiny, training_config
-from stn_jax.data import default_config
+from configs.common import data_config, family_choices, model_config, parse_model_arg, shrink_for_local_run, \
+    split_tiny, training_config
 
-TASKS = ("r", "rts", "p", "e", "tc")
-MODELS = ("fcn", "cnn", "st_fcn", "st_cnn")
-ST_MODELS = ("st_fcn", "st_cnn")
-TRANSFORMS = ("affine", "projective", "tps")
+TASKS, MODELS = family_choices("mnist")
 
 
-def parse_arg(arg: str, tasks=TASKS, models=MODELS, st_models=ST_MODELS,
-              transforms=TRANSFORMS) -> tuple[str, str, str]:
+def parse_arg(arg: str) -> tuple[str, str, str]:
     """``"task,model[,transform]"`` -> ``(task, model, transform or "")``; bad choices raise listing the valid ones."""
     parts = [p.strip() for p in (arg or "").split(",")]
     if len(parts) not in (2, 3) or not all(parts):
         raise ValueError(f"config argument must be 'task,model,transform[,tiny]' (e.g. 'rts,st_cnn,affine'; "
                          f"'rts,cnn' for models without a transformer), got {arg!r}")
     task, model = parts[0], parts[1]
-    transform = parts[2] if len(parts) == 3 else ""
-    if task not in tasks:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(tasks)}")
-    if model not in models:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(models)}")
-    if model in st_models:
-        if transform not in transforms:
-            raise ValueError(f"model {model!r} needs a transform; choose one of {', '.join(transforms)}, "
-                             f"got {transform or '(none)'!r}")
-    elif transform not in ("", "none"):
-        raise ValueError(f"model {model!r} has no transformer: omit the transform or write 'none' "
-                         f"(transforms apply to {', '.join(st_models)}), got {transform!r}")
-    return task, model, "" if transform == "none" else transform
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    model, transform = parse_model_arg(model, parts[2] if len(parts) == 3 else "", MODELS)
+    return task, model, transform
 
 
 def get_config(arg: str = "rts,st_cnn,affine") -> ml_collections.ConfigDict:
@@ -76,5 +63,5 @@ def get_config(arg: str = "rts,st_cnn,affine") -> ml_collections.ConfigDict:
     task, model, transform = parse_arg(arg)
     c = training_config()
     c.model = model_config(model, transform)
-    c.data = default_config(task)     # every option: stn_jax/data/pipeline.py, docs/data.md
-    return finish(c, tiny)
+    c.data = data_config(task)     # every option and its default: docs/data.md
+    return shrink_for_local_run(c) if tiny else c

@@ -1,4 +1,4 @@
-"""3-D MNIST (paper Appendix A.3, Fig. 5; digest 1.8): ``get_config("st3d[,tiny]")``.
+"""3-D MNIST (paper Appendix A.3, Fig. 5): ``get_config("st3d[,tiny]")``.
 
     python -m experiments.train --config configs/mnist_3d.py --workdir workdirs/mnist3d
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import finish, model_config, shrink_for_local_run, split_tiny, training_config
-from stn_jax.data import default_config
+from configs.common import data_config, family_choices, model_config, shrink_for_local_run, split_tiny, \
+    training_config
 
-MODELS = ("st3d",)
+_, MODELS = family_choices("mnist3d")
 
 
 def get_config(arg: str = "st3d") -> ml_collections.ConfigDict:
@@ -39,11 +39,10 @@ def get_config(arg: str = "st3d") -> ml_collections.ConfigDict:
     c.optimizer.decay_every = 10_000  # [U] the same three-stage schedule, scaled to 30k steps
     c.eval_batch_size = 100
     c.model = model_config(model, "affine3d")
-    c.data = default_config("mnist3d")
-    finish(c, tiny=False)
+    c.data = data_config("mnist3d")
     if tiny:
         shrink_for_local_run(c, steps=20)
         c.batch_size = 8
-        c.eval_batch_size = 50
-        c.data.test_size = 50
+        c.eval_batch_size = 48
+        c.data.test_size = 48
     return c

@@ -1,15 +1,15 @@
-"""MNIST addition (paper Appendix A.1, Table 4; digest 2.4): ``get_config("model[,transform][,tiny]")``.
+"""MNIST addition (paper Appendix A.1, Table 4): ``get_config("model[,transform][,tiny]")``.
 
     python -m experiments.train --config configs/mnist_addition.py:add_2st_fcn,tps --workdir workdirs/add_2st_tps
 
 Two independently RTS-distorted digits in the two channels of a 42x42x2 input;
 the label is their sum (19 classes).
 
-* model (`stn_jax.models`): ``add_fcn``, ``add_cnn``, ``add_st_fcn`` (one
+* model (`stn_jax.paper.models`): ``add_fcn``, ``add_cnn``, ``add_st_fcn`` (one
   transformer), ``add_2st_fcn`` (two transformers in parallel, each seeing and
   warping both channels, outputs concatenated to 4 channels);
 * transform (ST models only): ``affine``, ``projective``, ``tps``;
-* ``tiny`` (last): 60 steps of batch 32 and a 500-example test set.
+* ``tiny`` (last): 60 steps of batch 32 and a 512-example test set.
 
 Training: the paper gives no schedule for A.1 [U]; we use distorted MNIST's
 (A.4 [S]: SGD, batch 256, 150k iterations, lr 0.01 divided by 10 every 50k,
@@ -28,20 +28,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import finish, model_config, split_tiny, training_config
-from configs.distorted_mnist import parse_arg
-from stn_jax.data import default_config
+from configs.common import data_config, family_choices, model_config, parse_model_arg, shrink_for_local_run, \
+    split_tiny, training_config
 
-MODELS = ("add_fcn", "add_cnn", "add_st_fcn", "add_2st_fcn")
-ST_MODELS = ("add_st_fcn", "add_2st_fcn")
-TRANSFORMS = ("affine", "projective", "tps")
+_, MODELS = family_choices("addition")
 
 
 def get_config(arg: str = "add_2st_fcn,tps") -> ml_collections.ConfigDict:
     arg, tiny = split_tiny(arg)
-    _, model, transform = parse_arg(f"addition,{arg}", tasks=("addition",), models=MODELS,
-                                    st_models=ST_MODELS, transforms=TRANSFORMS)
+    parts = [p.strip() for p in (arg or "").split(",")]
+    if len(parts) not in (1, 2) or not all(parts):
+        raise ValueError(f"config argument must be 'model[,transform][,tiny]' (e.g. 'add_2st_fcn,tps'), got {arg!r}")
+    model, transform = parse_model_arg(parts[0], parts[1] if len(parts) == 2 else "", MODELS)
     c = training_config()
     c.model = model_config(model, transform)
-    c.data = default_config("addition")  # 42x42x2, RTS per channel, labels 0..18
-    return finish(c, tiny)
+    c.data = data_config("addition")  # 42x42x2, RTS per channel, labels 0..18
+    return shrink_for_local_run(c) if tiny else c

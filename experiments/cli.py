@@ -5,7 +5,9 @@
 (unknown task, model or transform), into a one-line error naming the valid
 choices instead of a traceback. Errors that report bad input or a stopped run
 (``ValueError``, ``FileNotFoundError``, a non-finite loss, missing data, an
-unreadable checkpoint) are printed the same way, with exit status 1; set
+unreadable checkpoint, a locked or unusable workdir, a full disk, an interrupted
+run after its checkpoint is saved) are printed the same way, with exit status 1
+(130 for an interrupted run); set
 ``STN_JAX_TRACEBACK=1`` to see their tracebacks.
 """
 
@@ -84,10 +86,11 @@ def _parse(argv: list[str]) -> list[str]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that carry a complete message for the user (bad input, missing files, a stopped run)."""
-    from stn_jax.data import MnistSourceError
-    from stn_jax.train import CheckpointError, NonFiniteLossError
+    from stn_jax.paper.data import MnistSourceError
+    from stn_jax.paper.train import CheckpointError, Interrupted, NonFiniteLossError, WorkdirError
 
-    return ValueError, FileNotFoundError, NonFiniteLossError, MnistSourceError, CheckpointError
+    return (ValueError, FileNotFoundError, NonFiniteLossError, MnistSourceError, CheckpointError, WorkdirError,
+            Interrupted, OSError)
 
 
 def _reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -98,6 +101,9 @@ def _reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]
         except _user_errors() as e:
             if os.environ.get("STN_JAX_TRACEBACK"):
                 raise
+            if isinstance(e, KeyboardInterrupt):
+                print(f"interrupted: {e}", file=sys.stderr)
+                raise SystemExit(130) from None
             raise SystemExit(f"error: {e}") from None
 
     return wrapped

@@ -14,7 +14,8 @@ from ml_collections import config_flags
 
 from experiments.cli import run
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=False,
+                                accept_new_attributes=True)  # keys are checked by stn_jax.paper.config.resolve
 flags.DEFINE_string("workdir", None, "The training run's directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -22,7 +23,7 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> None:
     del argv
-    from stn_jax import train
+    from stn_jax.paper import train
 
     result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
     print(f"test_error={result['error']!r} test_loss={result['loss']!r}")

@@ -20,7 +20,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=False,
+                                accept_new_attributes=True)  # data keys are checked by the task registry
 flags.DEFINE_string("out", None, "PNG file to write.")
 flags.DEFINE_enum("split", "train", ["train", "test"], "Training batch (of --step) or the fixed test set's first examples.")
 flags.DEFINE_integer("step", 0, "Training step whose batch is shown (--split=train).")
@@ -33,11 +34,11 @@ FLAGS = flags.FLAGS
 
 def sample_batch(config, split: str, step: int, count: int) -> dict:
     """``count`` examples of the config's data: training batch ``step`` or the test set's first ones."""
-    from stn_jax.data import make_dataset
+    from stn_jax.paper.data import make_dataset
 
     data = config.data.to_dict()
     if split == "test":
-        # Test example i does not depend on test_size: the first `count` equal the full set's first `count`.
+        # A test set smaller than the split is a class-balanced subset: these are its first `count` examples.
         size = data.get("test_size", -1)
         data["test_size"] = count if size == -1 else min(count, size)
     dataset = make_dataset(data, seed=config.get("seed", 0), global_batch_size=count, cache_dir=None)
@@ -103,12 +104,7 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = FLAGS.config
     count = FLAGS.rows * FLAGS.cols
-    from stn_jax.data import MnistSourceError
-
-    try:
-        batch, dataset = sample_batch(config, FLAGS.split, FLAGS.step, count)
-    except MnistSourceError as e:  # no data: say how to get it, without a traceback
-        raise SystemExit(f"error: {e}") from None
+    batch, dataset = sample_batch(config, FLAGS.split, FLAGS.step, count)
     p = dataset.params
     shape = "x".join(str(s) for s in dataset.image_shape)
     where = f"train step {FLAGS.step}" if FLAGS.split == "train" else "test set"
@@ -122,8 +118,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        from experiments.cli import run  # one-line errors for bad config arguments and overrides
-    except ImportError:  # pragma: no cover
-        from absl.app import run
+    from experiments.cli import run  # one-line errors for bad config arguments and overrides
+
     run(main)

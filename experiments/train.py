@@ -20,7 +20,8 @@ from ml_collections import config_flags
 
 from experiments.cli import run
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=False,
+                                accept_new_attributes=True)  # keys are checked by stn_jax.paper.config.resolve
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (cluster environments).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes.")
@@ -45,7 +46,7 @@ def main(argv) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     initialize_distributed()
-    from stn_jax import train  # after distributed initialisation
+    from stn_jax.paper import train  # after distributed initialisation
 
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:

@@ -1,11 +1,11 @@
 """Where a run's numbers and pictures go: TensorBoard, JSON lines, the terminal.
 
-* `SummaryWriter` writes TensorBoard event files (scalars, images,
-  histograms) with TensorBoard's own record writer, without importing
-  TensorFlow.
-* `MetricsWriter` sends scalars to TensorBoard and appends them as one JSON
-  object per line to ``metrics.jsonl`` in the workdir (easy to tabulate).
-* `Progress` prints a one-line progress report with images/s and ETA.
+* `MetricsWriter` sends scalars, images and histograms to TensorBoard through
+  ``tensorboardX`` (no TensorFlow in the training process) and appends every
+  scalar row to ``metrics.jsonl`` in the workdir (easy to tabulate). Rows of
+  steps after a resumed run's checkpoint are dropped when the run resumes, so
+  a step is never recorded twice.
+* `Progress` is a ``tqdm`` bar with the latest metrics and images/s.
 
 Only process 0 writes (the others get no-op writers), as in multi-host JAX
 training loops.
@@ -13,98 +13,51 @@ training loops.
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from PIL import Image
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.record_writer import RecordWriter
-
-
-class SummaryWriter:
-    """Appends TensorBoard events to ``<logdir>/events.out.tfevents.*``."""
-
-    def __init__(self, logdir: str | Path):
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self._file = open(logdir / name, "ab")
-        self._records = RecordWriter(self._file)
-        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-
-    def _write(self, event: event_pb2.Event) -> None:
-        self._records.write(event.SerializeToString())
-
-    def _summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
-        self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
-
-    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        self._summary(step, [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()])
-
-    def image(self, step: int, tag: str, image: np.ndarray) -> None:
-        """``image``: (H, W) or (H, W, 3) uint8, or float in [0, 1]."""
-        if image.dtype != np.uint8:
-            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-        png = io.BytesIO()
-        Image.fromarray(image).save(png, format="PNG")
-        channels = 1 if image.ndim == 2 else image.shape[-1]
-        proto = summary_pb2.Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=channels,
-                                          encoded_image_string=png.getvalue())
-        self._summary(step, [summary_pb2.Summary.Value(tag=tag, image=proto)])
-
-    def histogram(self, step: int, tag: str, values: np.ndarray, bins: int = 30) -> None:
-        values = np.asarray(values, np.float64).ravel()
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return
-        counts, edges = np.histogram(values, bins=bins)
-        proto = summary_pb2.HistogramProto(
-            min=float(values.min()), max=float(values.max()), num=float(values.size),
-            sum=float(values.sum()), sum_squares=float((values ** 2).sum()),
-            bucket_limit=[float(e) for e in edges[1:]], bucket=[float(c) for c in counts])
-        self._summary(step, [summary_pb2.Summary.Value(tag=tag, histo=proto)])
-
-    def flush(self) -> None:
-        self._records.flush()
-
-    def close(self) -> None:
-        self.flush()
-        self._file.close()
+from tqdm import tqdm
 
 
 class MetricsWriter:
     """Scalars to TensorBoard and ``metrics.jsonl``; images and histograms to TensorBoard."""
 
-    def __init__(self, workdir: str | Path, enabled: bool = True):
+    def __init__(self, workdir: str | Path, enabled: bool = True, *, resume_step: int = 0):
         self.enabled = enabled
-        if enabled:
-            self.tensorboard = SummaryWriter(Path(workdir) / "tensorboard")
-            self._jsonl = open(Path(workdir) / "metrics.jsonl", "a")
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        path = Path(workdir) / "metrics.jsonl"
+        drop_rows_after(path, resume_step)
+        self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step or None)
+        self._jsonl = open(path, "a")
 
     def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        self.tensorboard.scalars(step, clean)
+        for k, v in clean.items():
+            self.tensorboard.add_scalar(k, v, step)
         record = {"step": int(step), "time": time.time()}
         record.update({k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()})
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """``image``: (H, W, 3) uint8."""
         if self.enabled:
-            self.tensorboard.image(step, tag, image)
+            self.tensorboard.add_image(tag, image, step, dataformats="HWC")
 
     def histogram(self, step: int, tag: str, values: np.ndarray) -> None:
-        if self.enabled:
-            self.tensorboard.histogram(step, tag, values)
+        values = np.asarray(values, np.float64).ravel()
+        values = values[np.isfinite(values)]
+        if self.enabled and values.size:
+            self.tensorboard.add_histogram(tag, values, step, bins=30)
 
     def flush(self) -> None:
         if self.enabled:
@@ -117,43 +70,35 @@ class MetricsWriter:
             self._jsonl.close()
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+def drop_rows_after(path: Path, step: int) -> None:
+    """Removes the rows of ``metrics.jsonl`` with ``"step" > step`` (a resumed run writes them again)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
 
 
 class Progress:
-    """Reports ``step/total``, a few metrics, images/s and the ETA, at most every ``interval`` s."""
+    """A tqdm bar over the steps, showing the latest metrics and images/s."""
 
-    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, interval: float = 2.0,
-                 enabled: bool = True, stream=sys.stderr):
-        self.total, self.batch, self.interval, self.enabled, self.stream = total_steps, batch_size, interval, enabled, stream
-        self._t0, self._step0 = time.time(), start_step
-        self._last_print = 0.0
-        self._rate = float("nan")
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0, enabled: bool = True):
+        self.batch, self._step0, self._t0 = batch_size, start_step, time.time()
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, unit="step",
+                         dynamic_ncols=True, mininterval=2.0)
 
     def images_per_second(self, step: int) -> float:
         elapsed = time.time() - self._t0
         return (step - self._step0) * self.batch / elapsed if elapsed > 0 and step > self._step0 else float("nan")
 
-    def update(self, step: int, metrics: Mapping[str, float] | None = None, force: bool = False) -> None:
-        now = time.time()
-        if not self.enabled or (not force and now - self._last_print < self.interval):
-            return
-        self._last_print = now
-        rate = self.images_per_second(step)
-        steps_per_s = rate / self.batch if rate == rate else float("nan")
-        eta = (self.total - step) / steps_per_s if steps_per_s and steps_per_s == steps_per_s else float("nan")
-        width = 24
-        done = int(width * step / max(self.total, 1))
-        bar = "#" * done + "." * (width - done)
-        text = " ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items())
-        eta_text = _duration(eta) if eta == eta else "?"
-        print(f"\r[{bar}] {step}/{self.total} {text} | {rate:,.0f} img/s | ETA {eta_text}   ",
-              end="", file=self.stream, flush=True)
+    def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
+        self._bar.update(step - self._bar.n)
+        shown = {k: f"{v:.4g}" for k, v in (metrics or {}).items()}
+        shown["img/s"] = f"{self.images_per_second(step):,.0f}"
+        self._bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
-        if self.enabled:
-            print(file=self.stream, flush=True)
+        self._bar.close()

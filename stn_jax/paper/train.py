@@ -1,46 +1,50 @@
-"""The training and evaluation loop: one loop for every experiment config.
+"""The training and evaluation loop: one loop for every experiment config and objective.
 
 ``train_and_evaluate(config, workdir)`` trains the model a config describes on
-the data it describes, on every device of every process, and evaluates it.
+the data it describes, with the objective it names, on every device of every
+process, and evaluates it.
 
 * **Parallelism.** A 1-D device mesh with axis ``"data"`` over all devices of
-  all processes; each batch is sharded along its first axis, parameters and
-  optimiser state are replicated; one `jax.jit`-compiled step. Each process
-  builds only its shard of every batch (`stn_jax.data`), and the global batch
-  is the same whatever the number of processes or devices, so losses match a
-  single-device run to float tolerance.
-* **Optimiser.** optax SGD with momentum and the paper's step schedule
-  (``lr * decay_factor ** (step // decay_every)``), a separate learning-rate
-  multiplier for the localisation networks (their parameters are
-  `stn_jax.layers.LocalisationParam`), optional weight decay.
-* **Determinism and resumption.** Per-step randomness is
-  ``fold_in(key(seed), step)`` and a batch is a pure function of (seed, step),
-  so a run restarted from its latest checkpoint sees exactly what an
-  uninterrupted run would: on CPU the final parameters are bit-identical.
-  Orbax checkpoints are written every ``checkpoint_every`` steps and at the
-  end; a run started again in the same workdir resumes.
-* **Safety.** A non-finite loss stops the run with a message naming the step;
-  the update of that step is discarded and nothing after the last good
-  checkpoint is saved. Implicit host-device transfers inside the loop are
-  errors (``jax.transfer_guard("disallow")``).
-* **Records.** The workdir gets the resolved config (``config.json``), the
-  package versions (``versions.json``), ``metrics.jsonl``, TensorBoard events
-  (loss, errors, learning rate, images/s, transform-parameter statistics and
-  histograms, input/transformer-output pictures with the sampling grid drawn)
-  and the same pictures as PNGs under ``images/``.
+  all processes; each batch is sharded along its first axis, the state is
+  replicated; one `jax.jit`-compiled step. Each process builds only its shard
+  of every batch, and the global batch is the same whatever the number of
+  processes or devices, so losses match a single-device run to float tolerance.
+* **Optimiser.** optax SGD with momentum and the paper's step schedule, a
+  separate learning-rate multiplier for the localisation networks, optional
+  weight decay (`stn_jax.paper.train_state`).
+* **Determinism and resumption.** Per-step randomness is a function of (seed,
+  step) and a batch is a pure function of (seed, step), so a run restarted from
+  its latest checkpoint sees exactly what an uninterrupted run would: on CPU
+  the final parameters are bit-identical. Orbax checkpoints are written every
+  ``checkpoint_every`` steps, at the end, and when the run is interrupted
+  (SIGINT / SIGTERM); a run started again in the same workdir resumes, from the
+  newest checkpoint that restores (a corrupt one is skipped, saying so).
+* **Safety** (docs/robustness.md). The config is checked completely before
+  anything is written; the workdir is locked against a second run; resuming
+  with another model or data task is refused, changed settings are announced
+  and kept in ``config_history.jsonl``; a non-finite loss stops the run naming
+  the step, discarding that update and keeping the last good checkpoint.
+* **Records.** ``config.json`` (resolved), ``versions.json``,
+  ``metrics.jsonl``, TensorBoard events (loss, metrics, learning rate,
+  images/s, transform-parameter statistics and histograms, pictures of the
+  transformers at work) and the pictures as PNGs under ``images/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
+import fcntl
 import importlib.metadata
 import json
 import logging
+import os
 import platform
+import signal
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +56,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from stn_jax import data as data_lib
-from stn_jax import models
-from stn_jax.layers import LocalisationParam
-from stn_jax.summaries import MetricsWriter, Progress
+from stn_jax.paper.config import model_and_task, resolve
+from stn_jax.paper.objectives import check_labels
+from stn_jax.paper.summaries import MetricsWriter, Progress
+from stn_jax.paper.train_state import Setup, TrainState, setup
 from stn_jax.visualize import transformer_panel
 
 log = logging.getLogger(__name__)
@@ -66,43 +70,20 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored into the configured model."""
+    """No checkpoint in the workdir can be restored into the configured model."""
 
 
-# ----------------------------------------------------------------------------
-# Model, optimiser, state.
-# ----------------------------------------------------------------------------
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used: locked by another run, holding another experiment, or not writable."""
 
 
-def make_schedule(opt: ml_collections.ConfigDict):
-    """``learning_rate * decay_factor ** (step // decay_every)``: the paper's step schedule."""
-    return optax.exponential_decay(opt.learning_rate, transition_steps=opt.decay_every,
-                                   decay_rate=opt.decay_factor, staircase=True)
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT/SIGTERM after saving a checkpoint of the current step."""
 
 
-def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD with momentum; localisation parameters get ``loc_lr_multiplier`` times the rate."""
-    schedule = make_schedule(opt)
-
-    def sgd(multiplier: float):
-        scaled = lambda step: multiplier * schedule(step)
-        parts = [optax.add_decayed_weights(opt.weight_decay)] if opt.weight_decay else []
-        return optax.chain(*parts, optax.sgd(scaled, momentum=opt.momentum or None, nesterov=opt.nesterov))
-
-    return optax.multi_transform({"loc": sgd(opt.loc_lr_multiplier), "main": sgd(1.0)},
-                                 {"loc": "loc", "main": "main"})
-
-
-def create_model(config: ml_collections.ConfigDict, dataset) -> nnx.Module:
-    return models.create_model(config.model.name, transform=config.model.transform or None,
-                               input_shape=tuple(dataset.image_shape), num_classes=dataset.num_classes,
-                               rngs=nnx.Rngs(config.seed), **config.model.options.to_dict())
-
-
-def split_model(model: nnx.Module):
-    """``graphdef, {"loc": ..., "main": ...}, rest``: the two parameter groups and the other state."""
-    graphdef, loc, main, rest = nnx.split(model, LocalisationParam, nnx.Param, ...)
-    return graphdef, {"loc": loc, "main": main}, rest
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (log, eval, checkpoint) runs after ``step`` steps: every ``every`` and at the end."""
+    return step % every == 0 or step == total
 
 
 # ----------------------------------------------------------------------------
@@ -110,98 +91,66 @@ def split_model(model: nnx.Module):
 # ----------------------------------------------------------------------------
 
 
-def _theta_stats(thetas) -> dict[str, jax.Array]:
-    """Mean and std over the batch of every transform parameter, per transformer."""
-    stats = {}
-    for k, theta in enumerate(thetas):
-        theta = theta.reshape(theta.shape[0], -1)
-        for i in range(theta.shape[1]):
-            stats[f"theta/{k}/{i}/mean"] = theta[:, i].mean()
-            stats[f"theta/{k}/{i}/std"] = theta[:, i].std()
-    return stats
+def make_train_step(s: Setup):
+    """``(state, batch) -> (state, metrics)``; a non-finite loss or gradient discards the update."""
 
+    def loss_fn(params, model_state, batch, step):
+        model = s.merge(params, model_state, train=True, step=step)
+        loss, metrics = s.objective.loss(model, batch)
+        new_model_state = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
+        return loss, (metrics, new_model_state)
 
-def make_train_step(graphdef, tx, schedule, config: ml_collections.ConfigDict):
-    penalty = config.identity_penalty
-
-    def loss_fn(params, rest, batch):
-        model = nnx.merge(graphdef, params["loc"], params["main"], rest)
-        logits, aux = model(batch["image"], return_aux=True)
-        labels = batch["label"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        loss = ce + penalty * aux["identity_penalty"]
-        error = (logits.argmax(-1) != labels).mean()
-        return loss, dict(cross_entropy=ce, error=error, identity_penalty=aux["identity_penalty"],
-                          **_theta_stats(aux["theta"]))
-
-    def train_step(state, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["rest"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+    def train_step(state: TrainState, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (metrics, model_state)), grads = grad_fn(state.params, state.model_state, batch, state.step)
+        updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        step = state["step"]
-        new_state = dict(
-            params=keep(params, state["params"]), rest=state["rest"], opt_state=keep(opt_state, state["opt_state"]),
-            step=step + 1,
-            first_nonfinite_step=jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step,
-                                           state["first_nonfinite_step"]))
-        metrics = dict(metrics, loss=loss, learning_rate=schedule(step),
-                       grad_norm=optax.tree.norm(grads))
+        new_state = TrainState(
+            step=state.step + 1, params=keep(params, state.params),
+            model_state=keep(model_state, state.model_state), opt_state=keep(opt_state, state.opt_state),
+            first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                           state.first_nonfinite_step))
+        metrics = dict(metrics, loss=loss, learning_rate=s.schedule(state.step), grad_norm=optax.tree.norm(grads))
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(s: Setup):
     @jax.jit
-    def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, params["loc"], params["main"], rest)
-        logits = model(batch["image"])
-        labels, mask = batch["label"], batch["mask"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        wrong = logits.argmax(-1) != labels
-        return dict(loss=(ce * mask).sum(), errors=(wrong * mask).sum(), count=mask.sum())
+    def eval_step(params, model_state, batch):
+        return s.objective.eval_sums(s.merge(params, model_state, train=False), batch)
 
     return eval_step
 
 
+def make_picture_step(s: Setup):
+    @jax.jit
+    def picture_step(params, model_state, images):
+        _, aux = s.merge(params, model_state, train=False)(images, return_aux=True)
+        return aux["theta"], aux["warped"]
+
+    return picture_step
+
+
 # ----------------------------------------------------------------------------
-# The loop.
+# Mesh, records, workdir.
 # ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything a training run holds apart from its state."""
-
-    config: ml_collections.ConfigDict
-    workdir: Path
-    mesh: Mesh
-    dataset: Any
-    graphdef: Any
-    train_step: Any
-    eval_step: Any
-    picture_step: Any
-    checkpoints: ocp.CheckpointManager
-    writer: MetricsWriter
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
-
-    @property
-    def sharded(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P("data"))
-
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's shard -> a global array sharded over the mesh's data axis."""
-        return {k: jax.make_array_from_process_local_data(self.sharded, np.asarray(v)) for k, v in local.items()}
 
 
 def make_mesh() -> Mesh:
     """All devices of all processes on one ``"data"`` axis (Auto: the compiler propagates shardings)."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+    """Every batch size divides over the devices (so that no example is dropped and no step fails late)."""
+    n = jax.device_count()
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % n:
+            raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices ({n})")
 
 
 def _versions() -> dict[str, str]:
@@ -216,84 +165,200 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _write_records(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+def prepare_workdir(workdir: str | Path) -> Path:
+    """Creates ``workdir``; one-line `WorkdirError` if it is a file or not writable."""
+    path = Path(workdir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir {path} is a file, not a directory; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise WorkdirError(f"cannot write to --workdir {path}: {e.strerror or e}; choose a writable folder") from None
+    return path
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``workdir/.lock`` (released when the process ends, even if killed)."""
+    path = workdir / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise WorkdirError(f"workdir {workdir} is in use by {holder}; wait for it to finish or use another "
+                           f"--workdir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
+    """Compares ``config`` with the one a workdir's checkpoints were trained with.
+
+    Returns the changed settings (``"optimizer.learning_rate: 0.01 -> 0.02"``);
+    raises `WorkdirError` when the model or data task differs (its checkpoints
+    cannot be restored into another model).
+    """
+    saved_path = workdir / "config.json"
+    if not saved_path.exists() or not (workdir / "checkpoints").exists():
+        return []
+    saved = json.loads(saved_path.read_text())
+    new = json.loads(config.to_json_best_effort())
+    if saved.get("model", {}).get("name") != new["model"]["name"] or \
+            saved.get("model", {}).get("transform", "") != new["model"]["transform"] or \
+            saved.get("data", {}).get("task") != new["data"]["task"]:
+        raise WorkdirError(f"this workdir holds {model_and_task(saved)}, not {model_and_task(new)}: use another "
+                           f"--workdir, or delete {workdir} to start over")
+    old, cur = _flat(saved), _flat(new)
+    return [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)]
+
+
+def write_records(config: ml_collections.ConfigDict, workdir: Path, changes: list[str]) -> None:
+    """``config.json`` (the config in force), ``versions.json`` and a line in ``config_history.jsonl``."""
+    text = config.to_json_best_effort(indent=2) + "\n"
+    (workdir / "config.json").write_text(text)
     (workdir / "versions.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+    with open(workdir / "config_history.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes,
+                            "config": json.loads(text)}) + "\n")
 
 
-def initial_state(run: Run, params, rest, tx) -> dict:
-    state = dict(params=params, rest=rest, opt_state=tx.init(params), step=jnp.int32(0),
-                 first_nonfinite_step=jnp.int32(-1))
+# ----------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's set-up, its mesh and its steps."""
+
+    setup: Setup
+    mesh: Mesh
+    eval_step: Any
+    picture_step: Any
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.setup.config
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def sharded(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's shard -> a global array sharded over the mesh's data axis."""
+        return {k: jax.make_array_from_process_local_data(self.sharded, np.asarray(v)) for k, v in local.items()}
+
+
+def open_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
+    """Builds the run of a resolved config: data (test sets cached under ``workdir/data``), model, steps."""
+    s = setup(config, cache_dir=str(workdir / "data"))
+    return Run(s, make_mesh(), make_eval_step(s), make_picture_step(s))
+
+
+def checkpoint_manager(workdir: Path, keep: int, *, create: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=False))
+
+
+def restore_latest(run: Run, checkpoints: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    """The newest checkpoint that restores (older ones are tried when the newest is corrupt), or ``state``."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.replicated), state)
+    steps = sorted(checkpoints.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
+            log.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one", step,
+                        checkpoints.directory, type(e).__name__, str(e).splitlines()[0][:200])
+            continue
+        log.info("resumed from the checkpoint at step %d in %s", step, checkpoints.directory)
+        return restored
+    if steps:
+        raise CheckpointError(f"none of the checkpoints {steps} in {checkpoints.directory} can be restored into "
+                              f"{model_and_task(run.config)}; delete the folder to start over")
     return jax.device_put(state, run.replicated)
 
 
-def restore_or_init(run: Run, state: dict) -> dict:
-    latest = run.checkpoints.latest_step()
-    if latest is None:
-        return state
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.replicated), state)
-    restored = run.checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
-    log.info("resumed from the checkpoint at step %d in %s", latest, run.checkpoints.directory)
-    return restored
+def evaluate(run: Run, state: TrainState, dataset=None) -> dict[str, float]:
+    """The objective's metrics over a whole test set (default the run's); each process feeds its share.
 
-
-def evaluate(run: Run, params, rest, test: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
-    """Loss and error over a whole test set; each process feeds its shard of each batch."""
-    n = len(test["label"])
-    procs, me = jax.process_count(), jax.process_index()
-    per_process = batch_size // procs
-    totals = dict(loss=0.0, errors=0.0, count=0.0)
+    Batches of ``eval_batch_size`` cover indices ``[start, start + eval_batch_size)``;
+    padding examples past the end have ``mask`` 0, so every example counts once.
+    """
+    dataset = dataset or run.setup.dataset
+    n = dataset.test_size
+    batch_size = run.config.eval_batch_size
+    per_process = batch_size // jax.process_count()
+    me = jax.process_index()
+    totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)[me * per_process:(me + 1) * per_process]
+        idx = start + np.arange(me * per_process, (me + 1) * per_process)
         valid = idx < n
-        idx = np.where(valid, idx, 0)
-        local = {"image": test["image"][idx], "label": test["label"][idx].astype(np.int32),
-                 "mask": valid.astype(np.float32)}
-        out = jax.device_get(run.eval_step(params, rest, run.global_batch(local)))
-        for k in totals:
-            totals[k] += float(out[k])
-    return dict(loss=totals["loss"] / totals["count"], error=totals["errors"] / totals["count"])
+        local = dict(dataset.test_examples(np.where(valid, idx, 0)))
+        local["mask"] = valid.astype(np.float32)
+        out = jax.device_get(run.eval_step(state.params, state.model_state, run.global_batch(local)))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return run.setup.objective.summarize(totals)
 
 
-def make_picture_step(graphdef):
-    @jax.jit
-    def picture_step(params, rest, images):
-        model = nnx.merge(graphdef, params["loc"], params["main"], rest)
-        _, aux = model(images, return_aux=True)
-        return aux["theta"], aux["warped"]
-
-    return picture_step
-
-
-def write_pictures(run: Run, params, rest, images: np.ndarray, step: int) -> None:
+def write_pictures(run: Run, state: TrainState, images: np.ndarray, step: int, writer: MetricsWriter,
+                   workdir: Path) -> None:
     """Inputs with the sampling grids beside the transformer outputs, to TensorBoard and images/.
 
     Every process computes them (the parameters are global arrays); process 0 writes them.
     """
-    if not run.config.model.transform:
+    transform = run.config.model.transform
+    if not transform or not run.setup.objective.pictures:
         return
-    thetas, warped = jax.device_get(
-        run.picture_step(params, rest, jax.make_array_from_process_local_data(run.replicated, images)))
-    if not run.writer.enabled:
+    thetas, warped = jax.device_get(run.picture_step(
+        state.params, state.model_state, jax.make_array_from_process_local_data(run.replicated, images)))
+    if not writer.enabled:
         return
-    panel = transformer_panel(images, [np.asarray(t) for t in thetas], [np.asarray(w) for w in warped],
-                              run.config.model.transform, align_corners=bool(run.config.model.options.get(
-                                  "align_corners", False)))
-    run.writer.image(step, "transformer/inputs_grids_outputs", panel)
-    (run.workdir / "images").mkdir(exist_ok=True)
-    Image.fromarray(panel).save(run.workdir / "images" / f"transformer_step{step:07d}.png")
+    panel = transformer_panel(images, [np.asarray(t) for t in thetas], [np.asarray(w) for w in warped], transform,
+                              align_corners=bool(run.config.model.options.get("align_corners", False)))
+    writer.image(step, "transformer/inputs_grids_outputs", panel)
+    (workdir / "images").mkdir(exist_ok=True)
+    Image.fromarray(panel).save(workdir / "images" / f"transformer_step{step:07d}.png")
     for k, theta in enumerate(thetas):
-        run.writer.histogram(step, f"theta/{k}", np.asarray(theta))
+        writer.histogram(step, f"theta/{k}", np.asarray(theta))
 
 
-def _check_finite(state: dict, checkpoints: ocp.CheckpointManager) -> None:
-    bad = int(jax.device_get(state["first_nonfinite_step"]))
+def _check_finite(state: TrainState, checkpoints: ocp.CheckpointManager) -> None:
+    bad = int(jax.device_get(state.first_nonfinite_step))
     if bad >= 0:
         last = checkpoints.latest_step()
-        raise NonFiniteLossError(
-            f"the loss became non-finite at step {bad} (that update was discarded); "
-            f"the last good checkpoint is step {last} in {checkpoints.directory}" if last is not None else
-            f"the loss became non-finite at step {bad} (that update was discarded); no checkpoint was written yet")
+        where = (f"the last good checkpoint is step {last} in {checkpoints.directory}" if last is not None
+                 else "no checkpoint was written yet")
+        raise NonFiniteLossError(f"the loss became non-finite at step {bad} (that update was discarded); {where}")
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -301,68 +366,91 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Catches SIGINT and SIGTERM during the block: the list receives the signal numbers instead."""
+    received: list[int] = []
+    handler = lambda signum, frame: received.append(signum)
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains (resuming from ``workdir`` if it holds checkpoints) and returns the final test metrics."""
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    config = resolve(config)
+    check_batch_sizes(config)
+    workdir = prepare_workdir(workdir)
     lead = jax.process_index() == 0
-    if lead:
-        _write_records(config, workdir)
-    if config.batch_size % jax.device_count():
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.device_count()} devices")
+    lock = workdir_lock(workdir) if lead else contextlib.nullcontext()
+    with lock:
+        changes = check_resume_config(config, workdir)
+        for change in changes:
+            log.warning("resuming with a changed setting: %s", change)
+        run = open_run(config, workdir)
+        if lead:
+            write_records(config, workdir, changes)
+        return _train(run, workdir, lead)
 
-    mesh = make_mesh()
-    dataset = data_lib.make_dataset(config.data, seed=config.seed, global_batch_size=config.batch_size,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    cache_dir=config.data.get("cache_dir") or str(workdir / "data"))
-    model = create_model(config, dataset)
-    graphdef, params, rest = split_model(model)
-    tx = make_optimizer(config.optimizer)
-    schedule = make_schedule(config.optimizer)
-    checkpoints = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                             enable_async_checkpointing=False))
-    run = Run(config, workdir, mesh, dataset, graphdef, make_train_step(graphdef, tx, schedule, config),
-              make_eval_step(graphdef), make_picture_step(graphdef), checkpoints, MetricsWriter(workdir, enabled=lead))
 
-    state = restore_or_init(run, initial_state(run, params, rest, tx))
-    start = int(jax.device_get(state["step"]))
-    train_step = jax.jit(run.train_step, donate_argnums=0, out_shardings=(run.replicated, run.replicated))
-    test = dataset.test_set()
-    pictures = test["image"][:8]
+def _train(run: Run, workdir: Path, lead: bool) -> dict[str, float]:
+    config = run.config
+    checkpoints = checkpoint_manager(workdir, config.keep_checkpoints)
+    state = restore_latest(run, checkpoints, run.setup.state)
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
+    train_step = jax.jit(make_train_step(run.setup), donate_argnums=0,
+                         out_shardings=(run.replicated, run.replicated))
+    dataset = run.setup.dataset
+    pictures = np.asarray(dataset.test_examples(np.arange(min(8, dataset.test_size)))["image"])
     progress = Progress(config.total_steps, config.batch_size, start_step=start, enabled=lead)
     history: list[dict] = []
-    log.info("training %s steps %d -> %d on %d devices", config.model.name, start, config.total_steps,
+    log.info("training %s, steps %d -> %d on %d devices", model_and_task(config), start, config.total_steps,
              jax.device_count())
-
-    for step in range(start, config.total_steps):
-        batch = run.global_batch(dataset.train_batch(step))
-        with jax.transfer_guard("disallow"):
-            state, metrics = train_step(state, batch)
-        history.append(metrics)
-        done = step + 1
-        if done % config.log_every == 0 or done == config.total_steps:
-            _check_finite(state, checkpoints)
-            scalars = _mean_metrics(history)
-            history.clear()
-            scalars["images_per_second"] = progress.images_per_second(done)
-            run.writer.scalars(done, scalars)
-            progress.update(done, {"loss": scalars["loss"], "err": scalars["error"]})
-        if done % config.eval_every == 0 or done == config.total_steps:
-            _check_finite(state, checkpoints)
-            result = evaluate(run, state["params"], state["rest"], test, config.eval_batch_size)
-            run.writer.scalars(done, {"test_loss": result["loss"], "test_error": result["error"]})
-            write_pictures(run, state["params"], state["rest"], pictures, done)
-            run.writer.flush()
-        if done % config.checkpoint_every == 0 or done == config.total_steps:
-            _check_finite(state, checkpoints)
-            checkpoints.save(done, args=ocp.args.StandardSave(state))
+    total = config.total_steps
+    with _stop_requests() as stop:
+        for step in range(start, total):
+            batch = run.global_batch(dataset.train_batch(step))
+            with jax.transfer_guard("disallow"):
+                state, metrics = train_step(state, batch)
+            history.append(metrics)
+            done = step + 1
+            if due(done, config.log_every, total):
+                _check_finite(state, checkpoints)
+                scalars = _mean_metrics(history)
+                history.clear()
+                scalars["images_per_second"] = progress.images_per_second(done)
+                writer.scalars(done, scalars)
+                progress.update(done, {"loss": scalars["loss"], **{k: scalars[k] for k in ("error",) if k in scalars}})
+            if due(done, config.eval_every, total):
+                _check_finite(state, checkpoints)
+                result = evaluate(run, state)
+                writer.scalars(done, {f"test_{k}": v for k, v in result.items()})
+                write_pictures(run, state, pictures, done, writer, workdir)
+                writer.flush()
+            if due(done, config.checkpoint_every, total) or stop:
+                _check_finite(state, checkpoints)
+                if checkpoints.latest_step() != done:
+                    checkpoints.save(done, args=ocp.args.StandardSave(state))
+                    checkpoints.wait_until_finished()
+            if stop:
+                progress.close()
+                writer.close()
+                raise Interrupted(f"stopped by signal {signal.Signals(stop[0]).name} after step {done}; saved the "
+                                  f"checkpoint of step {done} in {checkpoints.directory}: run the same command "
+                                  f"to resume")
     progress.close()
     checkpoints.wait_until_finished()
-
-    result = evaluate(run, state["params"], state["rest"], test, config.eval_batch_size)
-    run.writer.close()
+    result = evaluate(run, state)
+    writer.close()
     return result
 
 
@@ -371,54 +459,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 # ----------------------------------------------------------------------------
 
 
-def load_npz_test_set(path: str | Path) -> dict[str, np.ndarray]:
-    """Reads ``images`` ((N, H, W) or (N, H, W, C); uint8 in [0, 255] or float in [0, 1]) and ``labels`` (N,)."""
-    with np.load(path) as f:
-        missing = {"images", "labels"} - set(f.files)
-        if missing:
-            raise ValueError(f"{path} must hold arrays 'images' and 'labels'; missing {sorted(missing)}, "
-                             f"found {f.files}")
-        images, labels = f["images"], f["labels"]
+@dataclasses.dataclass
+class ArrayTestSet:
+    """A test set held in memory (e.g. a user's ``.npz``), with the data-set interface `evaluate` reads."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def test_size(self) -> int:
+        return len(self.arrays["label"])
+
+    def test_examples(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}
+
+
+def load_npz_test_set(path: str | Path, image_shape: tuple[int, ...] | None = None,
+                      num_classes: int | None = None) -> ArrayTestSet:
+    """Reads ``images`` ((N, H, W) or (N, H, W, C); uint8 in [0, 255] or float in [0, 1]) and ``labels`` (N,).
+
+    Checks, each failing in one line: the file is a readable ``.npz`` without
+    pickled objects; both arrays are present and non-empty; the pixels are
+    finite and in range; the labels are integers of shape ``(N,)`` in
+    ``[0, num_classes)``; the images have ``image_shape``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config.data.test_npz: {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"images", "labels"} - set(f.files)
+            if missing:
+                raise ValueError(f"{path} must hold arrays 'images' and 'labels'; missing {sorted(missing)}, "
+                                 f"found {f.files}")
+            images, labels = f["images"], f["labels"]
+    except ValueError as e:
+        if "pickle" in str(e).lower() or "object arrays" in str(e).lower():
+            raise ValueError(f"{path} holds pickled objects; save plain numeric arrays (np.savez)") from None
+        raise
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({e})") from None
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or len(images) != len(labels):
-        raise ValueError(f"{path}: expected images (N, H, W[, C]) and labels (N,), got {images.shape} and {labels.shape}")
+    if images.ndim not in (4, 5) or len(images) == 0 or len(images) != len(labels):
+        raise ValueError(f"{path}: expected images (N, H, W[, C]) with N > 0 and labels (N,), got "
+                         f"{images.shape} and {labels.shape}")
     if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
     elif np.issubdtype(images.dtype, np.floating):
         images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            raise ValueError(f"{path}: images hold {int((~np.isfinite(images)).sum())} non-finite values")
         if images.min() < 0 or images.max() > 1:
             raise ValueError(f"{path}: float images must lie in [0, 1], got [{images.min()}, {images.max()}]")
     else:
         raise ValueError(f"{path}: images must be uint8 or float, got {images.dtype}")
-    return {"image": images, "label": labels.astype(np.int32)}
+    if num_classes is not None:
+        check_labels(labels, num_classes, str(path))
+    if image_shape is not None and images.shape[1:] != tuple(image_shape):
+        raise ValueError(f"{path}: images have shape {images.shape[1:]}, the model expects {tuple(image_shape)}")
+    return ArrayTestSet({"image": images, "label": labels.astype(np.int32)})
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Restores the latest checkpoint in ``workdir`` and evaluates it on the configured test set."""
-    workdir = Path(workdir).absolute()
+    """Restores the newest restorable checkpoint in ``workdir`` and evaluates it (test set or ``data.test_npz``)."""
+    config = resolve(config)
+    check_batch_sizes(config)
+    workdir = Path(workdir).expanduser().absolute()
     directory = workdir / "checkpoints"
-    checkpoints = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-    latest = checkpoints.latest_step() if directory.exists() else None
-    if latest is None:
+    if not directory.is_dir() or not checkpoint_manager(workdir, 1, create=False).all_steps():
         raise FileNotFoundError(f"no checkpoint in {directory}: train first with "
                                 f"`python -m experiments.train --config ... --workdir {workdir}`")
-    mesh = make_mesh()
-    dataset = data_lib.make_dataset(config.data, seed=config.seed, global_batch_size=config.batch_size,
-                                    process_index=jax.process_index(), process_count=jax.process_count(),
-                                    cache_dir=config.data.get("cache_dir") or str(workdir / "data"))
-    model = create_model(config, dataset)
-    graphdef, params, rest = split_model(model)
-    tx = make_optimizer(config.optimizer)
-    run = Run(config, workdir, mesh, dataset, graphdef, None, make_eval_step(graphdef), None, checkpoints,
-              MetricsWriter(workdir, enabled=False))
-    try:
-        state = restore_or_init(run, initial_state(run, params, rest, tx))
-    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint: say which and why
-        raise CheckpointError(f"cannot restore the checkpoint at step {latest} in {directory}: {e}") from e
+    check_resume_config(config, workdir)
+    run = open_run(config, workdir)
+    state = restore_latest(run, checkpoint_manager(workdir, config.keep_checkpoints, create=False), run.setup.state)
     npz = config.data.get("test_npz")
-    test = load_npz_test_set(npz) if npz else dataset.test_set()
-    if test["image"].shape[1:] != tuple(dataset.image_shape):
-        raise ValueError(f"test images have shape {test['image'].shape[1:]}, the model expects "
-                         f"{tuple(dataset.image_shape)}")
-    return evaluate(run, state["params"], state["rest"], test, config.eval_batch_size)
+    dataset = run.setup.dataset
+    test = load_npz_test_set(npz, tuple(dataset.image_shape), dataset.num_classes) if npz else None
+    return evaluate(run, state, test)

@@ -1,22 +1,21 @@
-"""MNIST-family data for the paper's experiments (docs/data.md).
+"""The experiments' data (docs/data.md): a registry of tasks and one data-set interface.
 
 * `make_dataset(config.data, seed=..., global_batch_size=..., process_index=..., process_count=...,
-  cache_dir=...)` -> `MnistDataset` with ``train_batch(step)``, ``test_set()``,
-  ``test_batches(batch_size)``, ``element_spec``, ``num_classes``, ``image_shape``.
-* `default_config(task)`: the data section of a task, every parameter with the digest's values.
+  cache_dir=...)`: the data set of a task (`stn_jax.paper.data.tasks` gives the interface).
+* `TASKS`: the registry (``r``, ``rts``, ``p``, ``e``, ``tc`` distorted MNIST, ``addition``,
+  ``mnist3d``, ``coloc`` co-localisation); `default_config(task)`: a task's options with defaults.
 * `load_mnist(source, split, data_dir=None, manual_dir=None)`: MNIST from tensorflow-datasets
   (``source="tfds"``) or a folder of the four IDX files.
-* `stn_jax.data.distortions`: the distortions as pure JAX functions of a key.
-
-Tasks: ``r``, ``rts``, ``p``, ``e``, ``tc`` (distorted MNIST), ``addition``,
-``mnist3d``, ``coloc`` (co-localisation).
+* `stn_jax.paper.data.distortions`: the distortions as pure JAX functions of a key.
 """
 
-from stn_jax.data import distortions
-from stn_jax.data.mnist import MnistSourceError, load_idx_folder, load_mnist, load_tfds_mnist, network_available
-from stn_jax.data.pipeline import TASKS, MnistDataset, canonical_order, default_config, make_dataset
+from stn_jax.paper.data import distortions, mnist_tasks  # noqa: F401  (mnist_tasks registers its tasks)
+from stn_jax.paper.data.mnist import MnistSourceError, load_idx_folder, load_mnist, load_tfds_mnist, network_available
+from stn_jax.paper.data.pipeline import MnistDataset, balanced_order, canonical_order
+from stn_jax.paper.data.tasks import TASKS, DataTask, Dataset, default_config, make_dataset, resolve_options
 
 __all__ = [
-    "TASKS", "MnistDataset", "MnistSourceError", "canonical_order", "default_config", "distortions",
-    "load_idx_folder", "load_mnist", "load_tfds_mnist", "make_dataset", "network_available",
+    "TASKS", "DataTask", "Dataset", "MnistDataset", "MnistSourceError", "balanced_order", "canonical_order",
+    "default_config", "distortions", "load_idx_folder", "load_mnist", "load_tfds_mnist", "make_dataset",
+    "network_available", "resolve_options",
 ]

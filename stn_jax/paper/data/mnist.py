@@ -3,7 +3,7 @@
 ``load_mnist(source, split)`` returns the split as NumPy arrays, images
 ``uint8 (N, 28, 28)`` and labels ``int64 (N,)``, in the source's own order
 (the IDX files' original order; tfds' fixed shuffled order). The pipeline
-(`stn_jax.data.pipeline`) puts every source into one canonical order, so both
+(`stn_jax.paper.data.pipeline`) puts every source into one canonical order, so both
 sources give the same data sets.
 
 * ``source="tfds"``: `tensorflow_datasets` (``mnist`` builder). On a machine with

@@ -3,7 +3,7 @@
 ``make_dataset(config.data, seed=..., global_batch_size=...)`` returns an
 `MnistDataset`. Its design:
 
-* **Sources.** The MNIST split is read once per process (`stn_jax.data.mnist`),
+* **Sources.** The MNIST split is read once per process (`stn_jax.paper.data.mnist`),
   put into a *canonical order* (sorted by pixel bytes, then label: a content
   order that does not depend on where the data came from, so the tfds and IDX
   sources give identical data sets) and kept in memory as uint8 on the
@@ -43,135 +43,40 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from stn_jax._native import use_cpu_sampler
-from stn_jax.data import distortions as D
-from stn_jax.data.mnist import load_mnist
+from stn_jax import use_cpu_sampler
+from stn_jax.paper.data import distortions as D
+from stn_jax.paper.data.mnist import load_mnist
+from stn_jax.paper.data.mnist_tasks import MNIST_TASKS, NO_CONTENT, MnistTask
 
 log = logging.getLogger(__name__)
 
-TASKS = ("r", "rts", "p", "e", "tc", "addition", "mnist3d", "coloc")
 TRAIN_STREAM = 0x5452  # "TR": fold-in tags that separate the data's random streams from the trainer's
 TEST_STREAM = 0x5445  # "TE"
 # Bump when a change to the generators changes the data (invalidates cached test sets).
 GENERATOR_VERSION = 1
-# Options that do not change the generated data (the source's content enters the test-set fingerprint
-# through its digest; generator_device is assumed not to change the bits, which holds for the default "cpu").
-_NO_CONTENT = ("source", "tfds_data_dir", "tfds_manual_dir", "cache_dir", "generator_device", "prefetch")
 
 
-def default_config(task: str) -> ml_collections.ConfigDict:
-    """The data section for ``task``: every parameter, with the digest's values (tags in comments).
+def balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded permutation whose every prefix is as class-balanced as the labels allow.
 
-    Tags (../shared/reference/paper.md): [P] the paper, [S] second-hand
-    report of the appendix ("to verify"), [R] independent generators agree,
-    [U] our assumption (the paper does not say).
+    Each class's indices are shuffled (``numpy.random.default_rng(seed)``), then
+    taken round-robin over the classes: a prefix of ``k`` holds ``k / classes``
+    of each class (until a class runs out).
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown data task {task!r}; choose one of {', '.join(TASKS)}")
-    c = ml_collections.ConfigDict()
-    c.task = task
-    c.source = "tfds"          # "tfds" or a folder with the four MNIST IDX files (offline: ../shared/data/mnist)
-    c.tfds_data_dir = ""       # "" = tfds' default (~/tensorflow_datasets)
-    c.tfds_manual_dir = ""     # folder with the four original .gz files: tfds prepares from them, offline
-    c.cache_dir = ""           # fixed test sets are cached here; "" = the trainer's <workdir>/data
-    c.test_seed = 2015         # [U] fixed, independent of the training seed: the same test set for every model
-    c.test_size = 10_000       # one distorted copy per MNIST test digit [U], at most the split; -1 = the whole split
-    c.generator_device = "cpu"  # "cpu" (same bits on every machine) or "default" (the default JAX device)
-    c.prefetch = True          # dispatch the next training batch while the current one is used
-
-    if task == "r":
-        c.canvas_size = 28     # [U] not stated (28 or 42); 28 = the MNIST frame
-        c.max_angle = 90.0     # [S, quoted verbatim in a GitHub issue] rotation U[-90, 90] degrees
-    elif task in ("rts", "addition"):
-        c.canvas_size = 42     # [S][R] 42x42
-        c.max_angle = 45.0     # [S][R] rotation U[-45, 45] degrees
-        c.min_scale = 0.7      # [S][R] scale U[0.7, 1.2]
-        c.max_scale = 1.2
-        c.keep_inside = True   # [U] position uniform among those keeping the digit's (transformed) ink box inside
-    elif task == "p":
-        c.canvas_size = 28     # [U] not stated
-        c.min_scale = 0.75     # [S: 'to verify'; independent MATLAB generator] scale U[0.75, 1.0]
-        c.max_scale = 1.0
-        c.corner_sigma = 5.0   # [S: 'to verify'] each of the 4 corners moved by N(0, 5 px)
-    elif task == "e":
-        c.canvas_size = 28     # [U] not stated
-        c.min_scale = 0.75     # [U: our recollection] scale U[0.75, 1.0]
-        c.max_scale = 1.0
-        c.tps_grid_size = 4    # [U] 16 control points [S] on a regular 4x4 grid [U]
-        c.tps_sigma = 1.5      # [S] control points moved by N(0, 1.5 px)
-    elif task == "tc":
-        c.canvas_size = 60     # [S][R] 60x60
-        c.num_clutter = 6      # [S][R] six patches
-        c.clutter_size = 6     # [S][R] 6x6, cut from random training digits
-    elif task == "mnist3d":
-        c.volume_size = 60     # [P] 60x60x60 voxels
-        c.extrude_depth = 12   # [U] depth of the extruded digit, in voxels
-        c.rotate_3d = False    # [U] one secondary summary says the digit is also rotated in 3-D; off by default
-        c.max_angle_3d = 45.0  # [U] Euler angles U[-a, a] when rotate_3d
-        c.test_size = 1_000    # [U] 1,000 volumes (864 MB as float32); 10,000 would need 8.6 GB
-    elif task == "coloc":
-        c.canvas_size = 84     # [P] 84x84
-        c.num_clutter = 0      # [P] 0 for the "T" data; 16 for "TC"
-        c.clutter_size = 6     # [P] 6x6 crops of training digits
-        c.digit_class = -1     # [P] each run uses one class (0-9); -1 = all classes
-    return c
-
-
-def _all_task_keys() -> set[str]:
-    return {k for t in TASKS for k in default_config(t).keys()}
-
-
-def _resolve(config_data) -> dict[str, Any]:
-    """Defaults of the task overlaid with ``config_data``; a key of another task is an error."""
-    given = config_data.to_dict() if hasattr(config_data, "to_dict") else dict(config_data)
-    task = given.get("task")
-    if task not in TASKS:
-        raise ValueError(f"config.data.task must be one of {', '.join(TASKS)}, got {task!r}")
-    params = default_config(task).to_dict()
-    foreign = _all_task_keys() - set(params)
-    for key, value in given.items():
-        if key in params:
-            params[key] = value
-        elif key in foreign:
-            raise ValueError(f"config.data.{key} does not apply to task {task!r}; its options are "
-                             f"{', '.join(sorted(params))}")
-        else:
-            log.debug("config.data.%s is not a data-pipeline option; ignored", key)
-    _validate(params)
-    return params
-
-
-def _validate(p: dict[str, Any]) -> None:
-    def need(ok, message):
-        if not ok:
-            raise ValueError(f"config.data (task {p['task']!r}): {message}")
-
-    if "canvas_size" in p:
-        low = D.DIGIT if p["task"] in ("tc", "coloc") else 1
-        need(int(p["canvas_size"]) >= low, f"canvas_size must be >= {low}, got {p['canvas_size']}")
-    if "min_scale" in p:
-        need(0 < p["min_scale"] <= p["max_scale"], f"need 0 < min_scale <= max_scale, got "
-                                                   f"{p['min_scale']}, {p['max_scale']}")
-    if "clutter_size" in p:
-        need(1 <= p["clutter_size"] <= min(D.DIGIT, p["canvas_size"]),
-             f"clutter_size must be in [1, {min(D.DIGIT, p['canvas_size'])}], got {p['clutter_size']}")
-        need(p["num_clutter"] >= 0, f"num_clutter must be >= 0, got {p['num_clutter']}")
-    if p["task"] == "mnist3d":
-        need(p["volume_size"] >= D.DIGIT, f"volume_size must be >= {D.DIGIT}, got {p['volume_size']}")
-        need(1 <= p["extrude_depth"] <= p["volume_size"],
-             f"extrude_depth must be in [1, volume_size], got {p['extrude_depth']}")
-    if p["task"] == "coloc":
-        need(-1 <= p["digit_class"] <= 9, f"digit_class must be -1 (all) or 0-9, got {p['digit_class']}")
-    need(p["test_size"] == -1 or p["test_size"] >= 1, f"test_size must be -1 or >= 1, got {p['test_size']}")
-    need(p["generator_device"] in ("cpu", "default"),
-         f"generator_device must be 'cpu' or 'default', got {p['generator_device']!r}")
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    rounds = max(len(ix) for ix in per_class)
+    table = np.full((rounds, len(per_class)), -1, np.int64)
+    for c, ix in enumerate(per_class):
+        table[:len(ix), c] = ix
+    order = table.ravel()
+    return order[order >= 0]
 
 
 def canonical_order(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -201,75 +106,8 @@ def _digest(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------
-# One example per task.
-# ----------------------------------------------------------------------------
-
-
-def num_words(p: dict[str, Any]) -> int:
-    """Random uint32 words per example: one for the source digit's index, the rest for the distortion."""
-    return 1 + D.words_needed(p["task"], num_clutter=p.get("num_clutter", 0),
-                              tps_grid_size=p.get("tps_grid_size", 4))
-
-
-def _example_fn(p: dict[str, Any]) -> Callable:
-    """``fn(draws, index, src) -> dict`` making the example of source digit ``index``.
-
-    ``src`` holds ``images`` uint8 (N, 28, 28), ``labels`` int32 (N,) and ``ink``
-    float32 (N, 4). Outputs: ``image``, ``label`` (and ``box``, ``ink_box`` for
-    co-localisation) plus ``params`` (the drawn distortion parameters).
-    """
-    task = p["task"]
-
-    def digit(src, i):
-        return src["images"][i].astype(jnp.float32) / 255.0
-
-    def fn(r, index, src):
-        label = src["labels"][index]
-        extra = {}
-        if task == "r":
-            image, params = D.rotated(r, digit(src, index), canvas_size=p["canvas_size"], max_angle=p["max_angle"])
-        elif task == "rts":
-            image, params = D.rts(r, digit(src, index), src["ink"][index], **_rts_options(p))
-        elif task == "p":
-            image, params = D.projective(r, digit(src, index), canvas_size=p["canvas_size"],
-                                         min_scale=p["min_scale"], max_scale=p["max_scale"],
-                                         corner_sigma=p["corner_sigma"])
-        elif task == "e":
-            image, params = D.elastic(r, digit(src, index), canvas_size=p["canvas_size"],
-                                      min_scale=p["min_scale"], max_scale=p["max_scale"],
-                                      tps_grid_size=p["tps_grid_size"], tps_sigma=p["tps_sigma"])
-        elif task == "tc":
-            image, params = D.translated_cluttered(r, digit(src, index), src["images"],
-                                                   canvas_size=p["canvas_size"], num_clutter=p["num_clutter"],
-                                                   clutter_size=p["clutter_size"])
-        elif task == "addition":
-            other = r.randint(0, src["images"].shape[0])
-            pair = jnp.stack([index, other])
-            digits = jnp.stack([digit(src, index), digit(src, other)])
-            inks = jnp.stack([src["ink"][index], src["ink"][other]])
-            image, params = D.addition(r, digits, inks, **_rts_options(p))
-            params["labels"] = src["labels"][pair]
-            label = params["labels"].sum()
-        elif task == "mnist3d":
-            image, params = D.volume(r, digit(src, index), src["ink"][index], volume_size=p["volume_size"],
-                                     extrude_depth=p["extrude_depth"], rotate_3d=bool(p["rotate_3d"]),
-                                     max_angle_3d=p["max_angle_3d"])
-        elif task == "coloc":
-            image, params = D.colocalisation(r, digit(src, index), src["ink"][index], src["images"],
-                                             canvas_size=p["canvas_size"], num_clutter=p["num_clutter"],
-                                             clutter_size=p["clutter_size"])
-            extra = {"box": params.pop("box"), "ink_box": params.pop("ink_box")}
-        else:  # pragma: no cover - _resolve rejects unknown tasks
-            raise ValueError(task)
-        params["index"] = index
-        return {"image": image.astype(jnp.float32), "label": label.astype(jnp.int32), **extra, "params": params}
-
-    return fn
-
-
 @functools.lru_cache(maxsize=32)
-def _generator(frozen_params: tuple) -> Callable:
+def _generator(task_name: str, frozen_params: tuple) -> Callable:
     """The jitted batch generator for these options, shared by every data set with the same options
     (so the XLA compilation happens once per process and batch shape).
 
@@ -279,7 +117,13 @@ def _generator(frozen_params: tuple) -> Callable:
     digit ``first + j`` (test set). The drawn parameters are always returned
     (under ``params``; they are small) so that one compiled function serves all uses.
     """
-    example = _example_fn(dict(frozen_params))
+    p = dict(frozen_params)
+    task = MNIST_TASKS[task_name]
+
+    def example(r, index, src):
+        image, label, extras, params = task.example(r, index, src, p)
+        params["index"] = index
+        return {"image": image.astype(jnp.float32), "label": label.astype(jnp.int32), **extras, "params": params}
 
     def generate(src, words, first, random_index):
         n = src["images"].shape[0]
@@ -303,12 +147,7 @@ def _generator(frozen_params: tuple) -> Callable:
 
 def _content_params(p: dict[str, Any]) -> tuple:
     """The options that determine what is generated, hashable."""
-    return tuple(sorted((k, v) for k, v in p.items() if k not in _NO_CONTENT + ("test_seed", "test_size")))
-
-
-def _rts_options(p):
-    return dict(canvas_size=p["canvas_size"], max_angle=p["max_angle"], min_scale=p["min_scale"],
-                max_scale=p["max_scale"], keep_inside=bool(p["keep_inside"]))
+    return tuple(sorted((k, v) for k, v in p.items() if k not in NO_CONTENT + ("test_seed", "test_size")))
 
 
 # ----------------------------------------------------------------------------
@@ -329,15 +168,10 @@ class MnistDataset:
       local_batch_size: ``global_batch_size // process_count``.
     """
 
-    def __init__(self, config_data, *, seed: int, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, cache_dir: str | os.PathLike | None = None):
-        self.params = _resolve(config_data)
+    def __init__(self, params: dict[str, Any], task: MnistTask, *, seed: int, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1, cache_dir: str | os.PathLike | None = None):
+        self.params = dict(params)
         self.task = self.params["task"]
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
-        if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of "
-                             f"process_count {process_count}")
         self.seed = int(seed)
         self.global_batch_size = int(global_batch_size)
         self.process_index, self.process_count = int(process_index), int(process_count)
@@ -345,25 +179,19 @@ class MnistDataset:
         cache = cache_dir or self.params["cache_dir"] or None
         self.cache_dir = Path(cache).expanduser() if cache else None
         p = self.params
-        if self.task == "mnist3d":
-            n = p["volume_size"]
-            self.image_shape = (n, n, n, 1)
-        else:
-            n = p["canvas_size"]
-            self.image_shape = (n, n, 2 if self.task == "addition" else 1)
-        self.num_classes = 19 if self.task == "addition" else 10
+        self._spec = task
+        self.image_shape = tuple(task.image_shape(p))
+        self.num_classes = task.num_classes
         spec = {"image": jax.ShapeDtypeStruct(self.image_shape, jnp.float32),
                 "label": jax.ShapeDtypeStruct((), jnp.int32)}
-        if self.task == "coloc":
-            spec["box"] = jax.ShapeDtypeStruct((4,), jnp.float32)
-            spec["ink_box"] = jax.ShapeDtypeStruct((4,), jnp.float32)
+        spec.update({k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in task.extras.items()})
         self.element_spec = spec
         self.batch_spec = {k: jax.ShapeDtypeStruct((self.local_batch_size,) + v.shape, v.dtype)
                            for k, v in spec.items()}
         self._device = jax.local_devices(backend="cpu")[0] if p["generator_device"] == "cpu" else jax.local_devices()[0]
         self._sources: dict[str, dict[str, jax.Array]] = {}
-        self._num_words = num_words(p)
-        self._generate = _generator(_content_params(p))
+        self._num_words = 1 + task.words(p)  # one for the source digit's index
+        self._generate = _generator(self.task, _content_params(p))
         self._pending: tuple[int, dict] | None = None
         self._test: dict[str, np.ndarray] | None = None
         self.test_checksum: str | None = None
@@ -374,13 +202,22 @@ class MnistDataset:
     # -- sources -----------------------------------------------------------
 
     def source_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """The canonical-order ``(images uint8 (N, 28, 28), labels int32 (N,))`` this task draws from."""
+        """The ``(images uint8 (N, 28, 28), labels int32 (N,))`` this task draws from.
+
+        Canonical order; with ``digit_class`` only that class. For the test split
+        with a ``test_size`` smaller than the split, the order is a seeded,
+        class-balanced one (`balanced_order`), so that the test set's first
+        ``test_size`` digits have every class in equal measure.
+        """
         p = self.params
         images, labels = _load_split(str(p["source"]), split, str(p["tfds_data_dir"] or ""),
                                      str(p["tfds_manual_dir"] or ""))
-        if self.task == "coloc" and p["digit_class"] >= 0:
+        if self._spec.digit_class and p["digit_class"] >= 0:
             keep = labels == p["digit_class"]
             images, labels = images[keep], labels[keep]
+        if split == "test" and 0 < p["test_size"] < len(labels):
+            order = balanced_order(labels, int(p["test_seed"]))
+            images, labels = images[order], labels[order]
         return images, labels
 
     def _src(self, split: str) -> dict[str, jax.Array]:
@@ -455,8 +292,9 @@ class MnistDataset:
     def test_fingerprint(self) -> str:
         """Short hash of everything that determines the test set (options, seed, size, source digits, version)."""
         images, labels = self.source_arrays("test")
-        content = {k: v for k, v in self.params.items() if k not in _NO_CONTENT}
-        content.update(version=GENERATOR_VERSION, source=_digest({"images": images, "labels": labels}))
+        content = {k: v for k, v in self.params.items() if k not in NO_CONTENT}
+        content.update(version=GENERATOR_VERSION, source=_digest({"images": images, "labels": labels}),
+                       subset="balanced" if len(labels) > self._test_size() else "all")
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def test_cache_path(self) -> Path | None:
@@ -511,7 +349,7 @@ class MnistDataset:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"sha256": self.test_checksum, "task": self.task, "examples": int(len(arrays["label"])),
                 "generator_version": GENERATOR_VERSION,
-                "params": {k: v for k, v in self.params.items() if k not in _NO_CONTENT}}
+                "params": {k: v for k, v in self.params.items() if k not in NO_CONTENT}}
         # Write to temporary files, then rename: concurrent processes never see a partial file.
         for target, write in ((path, lambda f: np.savez_compressed(f, **arrays)),
                               (self._meta_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))):
@@ -524,28 +362,15 @@ class MnistDataset:
                 Path(tmp).unlink(missing_ok=True)
                 raise
 
-    def test_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """The test set in order, in batches of ``batch_size`` (the last one may be smaller)."""
-        test = self.test_set()
-        for first in range(0, len(test["label"]), batch_size):
-            yield {k: v[first:first + batch_size] for k, v in test.items()}
+    @property
+    def test_size(self) -> int:
+        """Examples in the fixed test set."""
+        return self._test_size()
+
+    def test_examples(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The test examples at ``indices`` (``image``, ``label``, and the task's extras)."""
+        return {k: v[np.asarray(indices)] for k, v in self.test_set().items()}
 
     def __repr__(self) -> str:
         return (f"MnistDataset(task={self.task!r}, image_shape={self.image_shape}, num_classes={self.num_classes}, "
                 f"local_batch_size={self.local_batch_size}, process={self.process_index}/{self.process_count})")
-
-
-def make_dataset(config_data, *, seed: int, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, cache_dir: str | os.PathLike | None = None) -> MnistDataset:
-    """The data set ``config_data`` (``config.data``) describes; see `MnistDataset`.
-
-    Args:
-      config_data: a ConfigDict or dict with at least ``task``; missing options
-        take `default_config(task)`'s values; options of another task are an error.
-      seed: training seed (the test set does not depend on it).
-      global_batch_size: examples per step over all processes.
-      process_index, process_count: this process's shard of every batch.
-      cache_dir: where the test set is cached (overrides ``config_data.cache_dir``; None and "" = no cache).
-    """
-    return MnistDataset(config_data, seed=seed, global_batch_size=global_batch_size, process_index=process_index,
-                        process_count=process_count, cache_dir=cache_dir)

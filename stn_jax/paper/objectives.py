@@ -1,0 +1,125 @@
+"""Objectives: what the one training loop optimises and how it scores a model.
+
+A run is "model + data + objective" (``config.objective.name``). An
+`Objective` gives the loop:
+
+* ``loss(model, batch) -> (loss, metrics)``: the training loss of a batch (the
+  model in training mode) and scalar metrics to log;
+* ``eval_sums(model, batch) -> dict``: per-batch sums for evaluation, each
+  example weighted by ``batch["mask"]`` (padding examples have mask 0); it
+  must include ``"count"``;
+* ``summarize(sums) -> dict``: the evaluation metrics from the summed
+  ``eval_sums``; the key `headline` is the number a run reports
+  (``experiments.evaluate`` prints ``test_<headline>=... test_loss=...``);
+* ``pictures``: whether the loop draws the transformers' inputs and outputs.
+
+Classification (softmax cross-entropy, error rate) is the paper's objective
+for MNIST and CUB. Adding one is a subclass and a `register` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from stn_jax.paper.registry import Registry
+
+Batch = Mapping[str, jax.Array]
+
+
+class Objective:
+    """Base class; see the module docstring. ``options`` are the config's ``objective`` keys besides ``name``."""
+
+    name: str = ""
+    headline: str = "error"
+    pictures: bool = True
+    defaults: Mapping[str, Any] = {}
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for objective {self.name!r}; valid options: "
+                             f"{sorted(self.defaults) or 'none'}")
+        self.options = {**self.defaults, **options}
+
+    def loss(self, model, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def eval_sums(self, model, batch: Batch) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    OBJECTIVES.register(cls.name, cls)
+    return cls
+
+
+def create_objective(config_objective: Any) -> Objective:
+    """The objective ``config.objective`` names (a ConfigDict or mapping with ``name`` and its options)."""
+    given = config_objective.to_dict() if hasattr(config_objective, "to_dict") else dict(config_objective)
+    cls = OBJECTIVES.get(given.pop("name", None))
+    return cls(**given)
+
+
+def theta_stats(thetas) -> dict[str, jax.Array]:
+    """Mean and std over the batch of every transform parameter, per transformer (for the logs)."""
+    stats = {}
+    for k, theta in enumerate(thetas):
+        theta = theta.reshape(theta.shape[0], -1)
+        for i in range(theta.shape[1]):
+            stats[f"theta/{k}/{i}/mean"] = theta[:, i].mean()
+            stats[f"theta/{k}/{i}/std"] = theta[:, i].std()
+    return stats
+
+
+@register
+class Classification(Objective):
+    """Softmax cross-entropy on ``batch["label"]`` (int, ``(B,)``); the metric is the error rate.
+
+    Option ``identity_penalty``: weight of the transformers' distance from the
+    identity added to the loss (0: the paper's plain loss).
+    """
+
+    name = "classification"
+    defaults = {"identity_penalty": 0.0}
+
+    def loss(self, model, batch):
+        logits, aux = model(batch["image"], return_aux=True)
+        labels = batch["label"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        loss = ce + self.options["identity_penalty"] * aux["identity_penalty"]
+        error = (logits.argmax(-1) != labels).mean()
+        return loss, dict(cross_entropy=ce, error=error, identity_penalty=aux["identity_penalty"],
+                          **theta_stats(aux["theta"]))
+
+    def eval_sums(self, model, batch):
+        logits = model(batch["image"])
+        labels, mask = batch["label"], batch["mask"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        wrong = logits.argmax(-1) != labels
+        return dict(loss=(ce * mask).sum(), errors=(wrong * mask).sum(), count=mask.sum())
+
+    def summarize(self, sums):
+        count = max(sums["count"], 1.0)
+        return {"error": sums["errors"] / count, "loss": sums["loss"] / count}
+
+
+def check_labels(labels: Any, num_classes: int, what: str) -> None:
+    """Raises one line unless ``labels`` are integers in ``[0, num_classes)`` of shape ``(N,)``."""
+    labels = jnp.asarray(labels) if not hasattr(labels, "dtype") else labels
+    if labels.ndim != 1:
+        raise ValueError(f"{what}: labels must have shape (N,), got {tuple(labels.shape)}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"{what}: labels must be integers, got {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{what}: labels must lie in [0, {num_classes}) for this model, got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
