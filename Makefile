@@ -7,7 +7,7 @@ WORKDIR ?= workdirs/quickstart
 # MNIST for the quickstart: tfds (downloads once) or a folder with the four IDX files (offline).
 SOURCE ?= tfds
 
-.PHONY: venv test test-all quickstart bench
+.PHONY: venv test test-all lint quickstart bench
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 test: venv
 	$(PY) -m pytest -n 2
+
+lint: venv
+	$(PY) -m ruff check .
 
 test-all: venv
 	$(PY) -m pytest -n 2 -m ''

@@ -238,7 +238,8 @@ def main():
     print("|---|---|---|---|---|---|")
     rows = []
     for case in [c for c in CASES if c.name in args.cases]:
-        shape = f"{case.name}: {case.batch}x{'x'.join(map(str, case.size_in))}->{'x'.join(map(str, case.size_out))}x{case.channels}"
+        size_in, size_out = "x".join(map(str, case.size_in)), "x".join(map(str, case.size_out))
+        shape = f"{case.name}: {case.batch}x{size_in}->{size_out}x{case.channels}"
         for row in bench_case(case, args.systems, args.rounds, args.reps):
             bound = 1e3 * lower_bound_bytes(case, row["task"]) / bandwidth
             row["bound_ms"] = bound

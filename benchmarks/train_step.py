@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

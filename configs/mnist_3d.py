@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import data_config, family_choices, model_config, shrink_for_local_run, split_tiny, \
-    training_config
+from configs.common import data_config, family_choices, model_config, shrink_for_local_run, split_tiny, training_config
 
 _, MODELS = family_choices("mnist3d")
 

@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 
@@ -72,11 +72,9 @@ def _config_file_error(argv: list[str]) -> str | None:
 def _parse(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
-    except flags.Error:
+    except flags.Error as e:  # a bad flag value, a missing required flag, a config file rejecting its arguments
         message = _config_file_error(argv)
-        if message:
-            raise SystemExit(f"error: {message}") from None
-        raise
+        raise SystemExit(f"error: {message or e}") from None
     except (AttributeError, KeyError) as e:
         message = _override_error(argv)
         raise SystemExit(f"error: {message or e}") from None

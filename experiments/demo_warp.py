@@ -38,7 +38,8 @@ def examples() -> list[tuple[str, str, np.ndarray]]:
     return [
         ("identity", "affine", np.array([1, 0, 0, 0, 1, 0], np.float32)),
         ("affine: rotate 30deg, zoom", "affine",
-         np.array([0.8 * np.cos(angle), -0.8 * np.sin(angle), 0.1, 0.8 * np.sin(angle), 0.8 * np.cos(angle), 0], np.float32)),
+         np.array([0.8 * np.cos(angle), -0.8 * np.sin(angle), 0.1, 0.8 * np.sin(angle), 0.8 * np.cos(angle), 0],
+                  np.float32)),
         ("attention: s=0.5, t=(0.4,-0.4)", "attention", np.array([0.5, 0.4, -0.4], np.float32)),
         ("projective", "projective", np.array([1, 0.1, 0, 0.05, 1, 0, 0.4, 0.3], np.float32)),
         ("thin-plate spline", "tps", (0.15 * rng.standard_normal(32)).astype(np.float32)),

@@ -73,9 +73,12 @@ class Cell:
     model: str
     transform: str
     seeds: int
+    variant: str = ""  # the config argument when the task/model/transform do not spell it (co-localisation "t,8")
 
     @property
     def arg(self) -> str:
+        if self.variant:
+            return self.variant
         if self.task == "addition":
             return ",".join(p for p in (self.model, self.transform) if p)
         return ",".join(p for p in (self.task, self.model, self.transform) if p)
@@ -92,7 +95,8 @@ def _table1(seeds: int) -> list[Cell]:
 
 def _tc(seeds: int) -> list[Cell]:
     return [Cell("distorted_mnist", "tc", "fcn", "", 1), Cell("distorted_mnist", "tc", "cnn", "", seeds),
-            Cell("distorted_mnist", "tc", "st_fcn", "affine", 1), Cell("distorted_mnist", "tc", "st_cnn", "affine", seeds)]
+            Cell("distorted_mnist", "tc", "st_fcn", "affine", 1),
+            Cell("distorted_mnist", "tc", "st_cnn", "affine", seeds)]
 
 
 def _addition(seeds: int) -> list[Cell]:
@@ -101,11 +105,19 @@ def _addition(seeds: int) -> list[Cell]:
             Cell("mnist_addition", "addition", "add_2st_fcn", "tps", 1)]
 
 
-STUDIES = {"table1": _table1, "tc": _tc, "addition": _addition}
+def _coloc(seeds: int) -> list[Cell]:
+    """Co-localisation (Appendix A.2): every digit class, T and TC (docs/coloc.md); run with --batch_size 100."""
+    return [Cell("colocalisation", "coloc_set", "coloc_st", "attention", seeds, f"{variant},{digit}")
+            for variant in ("t", "tc") for digit in range(10)]
+
+
+STUDIES = {"table1": _table1, "tc": _tc, "addition": _addition, "coloc": _coloc}
 
 
 def run_name(cell: Cell, seed: int, steps: int, batch_size: int) -> str:
-    return f"{cell.task}_{cell.model}{'_' + cell.transform if cell.transform else ''}_s{seed}_b{batch_size}_n{steps}"
+    variant = "_" + cell.variant.replace(",", "_") if cell.variant else ""
+    return (f"{cell.task}_{cell.model}{'_' + cell.transform if cell.transform else ''}{variant}_s{seed}_b{batch_size}"
+            f"_n{steps}")
 
 
 def read_rows(path: Path = RESULTS) -> list[dict]:
@@ -152,11 +164,14 @@ def run_cell(cell: Cell, seed: int, args) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"run {workdir.name} failed with exit code {out.returncode}")
     match = re.search(r"test_error=(\S+) test_loss=(\S+)", out.stdout)
-    if not match:
+    coloc = re.search(r"localised=(\S+) mean_iou=(\S+)", out.stdout)  # co-localisation: no test error
+    if not match and not coloc:
         raise RuntimeError(f"run {workdir.name} printed no result line:\n{out.stdout[-2000:]}")
+    result = (dict(test_error=float(match.group(1)), test_loss=float(match.group(2))) if match else
+              dict(localised=float(coloc.group(1)), mean_iou=float(coloc.group(2))))
     return dict(config=cell.config, arg=cell.arg, task=cell.task, model=cell.model, transform=cell.transform,
                 seed=seed, steps=args.steps, batch_size=args.batch_size, source=_source_kind(args.source),
-                test_error=float(match.group(1)), test_loss=float(match.group(2)), wall_time_s=round(wall, 1),
+                **result, wall_time_s=round(wall, 1),
                 resumed=resumed, workdir=str(workdir),
                 date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()} CPUs",
                 versions=_versions(ROOT / workdir),
@@ -175,8 +190,39 @@ def _stats(errors: list[float]) -> str:
     return f"{e.mean():.2f} ± {e.std(ddof=1):.2f} (n={len(e)})"
 
 
+def coloc_table(rows: list[dict]) -> str:
+    """Co-localisation rows (``localised`` instead of a test error): % localised per class, T and TC, vs the paper."""
+    out = []
+    for steps, batch in sorted({(r["steps"], r["batch_size"]) for r in rows}):
+        runs = [r for r in rows if (r["steps"], r["batch_size"]) == (steps, batch)]
+        out.append(f"### Co-localisation: {steps} steps of batch {batch}\n")
+        out.append("% of the 100 images localised (IoU > 0.5), ours (mean ± std over seeds) per digit class; "
+                   "paper: T 100 for every class, TC 75-93 (per-class values not available)\n")
+        out.append("| data | " + " | ".join(str(d) for d in range(10)) + " | paper |")
+        out.append("|---|" + "---|" * 11)
+        for variant, paper in (("t", "100"), ("tc", "75-93")):
+            cells = []
+            for digit in range(10):
+                rs = [r for r in runs if r["arg"] == f"{variant},{digit}"]
+                cells.append(_stats([r["localised"] for r in rs]) if rs else "not run")
+            out.append(f"| {variant.upper()} | " + " | ".join(cells) + f" | {paper} |")
+        wall = [r["wall_time_s"] for r in runs]
+        out.append(f"\n{len(runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s on {runs[0]['machine']}; "
+                   f"seeds {sorted({r['seed'] for r in runs})}.\n")
+        out.append("<details><summary>Every run</summary>\n")
+        out.append("| run | seed | localised % | mean IoU | wall s | command |")
+        out.append("|---|---|---|---|---|---|")
+        for r in sorted(runs, key=lambda r: (r["arg"], r["seed"])):
+            out.append(f"| {r['arg']} | {r['seed']} | {100 * r['localised']:.0f} | {r['mean_iou']:.3f} | "
+                       f"{r['wall_time_s']:.0f} | `{r['command']}` |")
+        out.append("\n</details>\n")
+    return "\n".join(out)
+
+
 def tables(rows: list[dict]) -> str:
     """Markdown tables of test error % per cell (mean ± sample std over seeds) beside the paper's."""
+    coloc = [r for r in rows if "localised" in r]
+    rows = [r for r in rows if "test_error" in r]
     groups = collections.defaultdict(list)
     for r in rows:
         groups[(r["steps"], r["batch_size"], r["task"], r["model"], r["transform"])].append(r)
@@ -224,6 +270,8 @@ def tables(rows: list[dict]) -> str:
             out.append(f"| {r['task']} {r['model']} {r['transform']} | {r['seed']} | {100 * r['test_error']:.2f} | "
                        f"{r['test_loss']:.4f} | {r['wall_time_s']:.0f} | `{r['command']}` |")
         out.append("\n</details>\n")
+    if coloc:
+        out.append(coloc_table(coloc))
     return "\n".join(out)
 
 
@@ -236,7 +284,7 @@ def _curves(rows: list[dict]) -> None:
 
     by_task = collections.defaultdict(list)
     for r in rows:
-        if (ROOT / r["workdir"] / "metrics.jsonl").exists():
+        if "test_error" in r and (ROOT / r["workdir"] / "metrics.jsonl").exists():
             by_task[r["task"]].append(r)
     for task, runs in by_task.items():
         fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -327,8 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         RESULTS.parent.mkdir(exist_ok=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"[reproduce] {cell.arg} seed {seed}: test error {100 * row['test_error']:.2f}% "
-              f"in {row['wall_time_s']:.0f} s", flush=True)
+        score = (f"test error {100 * row['test_error']:.2f}%" if "test_error" in row else
+                 f"localised {100 * row['localised']:.0f}%, mean IoU {row['mean_iou']:.3f}")
+        print(f"[reproduce] {cell.arg} seed {seed}: {score} in {row['wall_time_s']:.0f} s", flush=True)
     if not args.dry_run and RESULTS.exists():
         write_page(read_rows())
 

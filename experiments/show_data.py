@@ -23,7 +23,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=False,
                                 accept_new_attributes=True)  # data keys are checked by the task registry
 flags.DEFINE_string("out", None, "PNG file to write.")
-flags.DEFINE_enum("split", "train", ["train", "test"], "Training batch (of --step) or the fixed test set's first examples.")
+flags.DEFINE_enum("split", "train", ["train", "test"],
+                  "Training batch (of --step) or the fixed test set's first examples.")
 flags.DEFINE_integer("step", 0, "Training step whose batch is shown (--split=train).")
 flags.DEFINE_integer("rows", 8, "Grid rows.")
 flags.DEFINE_integer("cols", 8, "Grid columns.")

@@ -11,8 +11,8 @@ The functional core, importable from here:
   `normalized_to_pixel`, `pixel_to_normalized`, `identity_grid`.
 """
 
-from stn_jax.coords import identity_grid, normalized_to_pixel, pixel_to_normalized
 from stn_jax._native import CPU_SAMPLERS, cpu_sampler, use_cpu_sampler
+from stn_jax.coords import identity_grid, normalized_to_pixel, pixel_to_normalized
 from stn_jax.sampler import grid_sample, grid_sample_3d, warp
 from stn_jax.transforms import (
     TRANSFORMS,

@@ -40,7 +40,10 @@ point and the batching rules raise ValueError beyond that, on static shapes.
 Empty problems (no rows, points or channels) lower to zeros.
 
 On CPU, float32 problems run native kernels (``stn_jax/_native``) unless
-``STN_JAX_CPU_SAMPLER=xla``; everywhere else the pure-JAX lowering below runs.
+``STN_JAX_CPU_SAMPLER=xla`` (or `stn_jax.use_cpu_sampler("xla")`), with one
+exception: reading a single-channel image's values alone stays with the XLA
+lowering, whose fused gathers are 2-4x faster there (docs/sampler.md).
+Everywhere else the pure-JAX lowering below runs.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +169,8 @@ def _interp_impl(flat, *coords, sizes, offsets, channels, kernel, orders, cpu_im
 def _spread_impl(ct, *coords, sizes, offsets, channels, kernel, orders, cpu_impl, length):
     if ct.size == 0 or length == 0:
         return jnp.zeros((length,), ct.dtype)
-    dn = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,))
+    dn = lax.ScatterDimensionNumbers(update_window_dims=(), inserted_window_dims=(0,),
+                                     scatter_dims_to_operand_dims=(0,))
     idx, upd = [], []
     for i, weights in _corners(coords, sizes, offsets, channels, kernel, orders):
         idx.append(i[..., None] + jnp.arange(channels, dtype=jnp.int32))
@@ -196,7 +199,7 @@ def _spread_abstract(ct, *coords, sizes, offsets, channels, kernel, orders, cpu_
     return jax.core.ShapedArray((length,), ct.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_bind(prim, params):
     return jax.jit(lambda *args: prim.bind(*args, **dict(params)))
 
@@ -219,7 +222,7 @@ def _cpu_lowering(name: str, xla_rule):
     def rule(ctx, *args, sizes, offsets, channels, kernel, orders, cpu_impl, **rest):
         params = dict(sizes=sizes, offsets=offsets, channels=channels, kernel=kernel, orders=orders)
         # A single-channel read of values alone is where XLA:CPU's fused gathers beat
-        # the native kernel (2-3x, docs/benchmarks.md), so "native" leaves it to XLA.
+        # the native kernel (2-4x, docs/sampler.md), so "native" leaves it to XLA.
         xla_wins = name == "interp" and channels == 1 and all(not any(o) for o in orders)
         # Empty problems go to the XLA lowering too: it returns zeros without reading anything.
         empty = any(math.prod(a.shape) == 0 for a in (*ctx.avals_in, *ctx.avals_out))

@@ -18,7 +18,8 @@ Pixel coordinates put the centre of pixel ``i`` at ``i``. See
 from __future__ import annotations
 
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

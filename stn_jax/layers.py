@@ -46,7 +46,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -214,7 +215,7 @@ class Flatten(nnx.Module):
 class FCBody(nnx.Module):
     """Fully connected localisation body: flatten -> [Linear -> ReLU] x len(hidden).
 
-    The paper's ST-FCN localisation network (digest 2.1 [S]) is three hidden
+    The paper's ST-FCN localisation network (paper Sect. 4.1 [S]) is three hidden
     layers of 32 units: ``hidden=(32, 32, 32)``.
     """
 
@@ -242,7 +243,7 @@ class ConvBody(nnx.Module):
 
     ``[pool downsample] -> for each conv: conv -> ReLU [-> max-pool 2] -> flatten -> [Linear -> ReLU] x len(fc)``.
 
-    The defaults are the paper's ST-CNN localisation network (digest 2.1 [S],
+    The defaults are the paper's ST-CNN localisation network (paper Sect. 4.1 [S],
     [R]): the input downsampled 2x, conv 20 filters 5x5 (valid), max-pool 2,
     conv 20 filters 5x5 (valid), FC 20. Pools here use floor mode.
 
@@ -361,7 +362,7 @@ def _body_features(body: nnx.Module, input_shape: Sequence[int]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-    """Optional squashing of the regressed parameters (landscape B10: transforms drifting off the image).
+    """Optional squashing of the regressed parameters (reimplementations report transforms drifting off the image).
 
     Attributes:
       scale: ``(low, high)`` for the attention scale ``s = low + (high - low) * sigmoid(raw)``;
@@ -379,11 +380,12 @@ class Bound:
     offset: float | None = None
 
     @classmethod
-    def create(cls, spec) -> "Bound | None":
+    def create(cls, spec) -> Bound | None:
         if spec is None or isinstance(spec, Bound):
             return spec
         if not isinstance(spec, Mapping):
-            raise ValueError(f"bound must be None, a Bound or a mapping with keys scale/translation/offset, got {spec!r}")
+            raise ValueError(f"bound must be None, a Bound or a mapping with keys scale/translation/offset, "
+                             f"got {spec!r}")
         unknown = set(spec) - {"scale", "translation", "offset"}
         if unknown:
             raise ValueError(f"unknown bound keys {sorted(unknown)}; choose from ['offset', 'scale', 'translation']")
@@ -562,10 +564,6 @@ class SpatialTransformer(nnx.Module):
             return fn(x, grid, **kwargs)
         value = jnp.asarray(self.pad_value, x.dtype)
         return fn(x - value, grid, **kwargs) + value
-
-    def identity_penalty(self, theta: jax.Array) -> jax.Array:
-        """Mean over examples of ``||theta - identity||^2``."""
-        return identity_penalty([theta], [self.identity])
 
     def __call__(self, x: jax.Array, loc_input: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         x = _check_input(x, self.input_shape, "SpatialTransformer", "x")

@@ -29,7 +29,7 @@ hold at most `MAX_ELEMENTS` elements in all (indices are int32).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

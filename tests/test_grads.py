@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ALIGN, CPU_SAMPLERS, PADDINGS, off_lattice_pixels, to_normalized, to_pixel, use_cpu_sampler
 from jax.test_util import check_grads
 
 from stn_jax import TRANSFORMS, affine_grid, grid_sample, grid_sample_3d, warp
-
-from conftest import ALIGN, CPU_SAMPLERS, PADDINGS, use_cpu_sampler, off_lattice_pixels, to_normalized, to_pixel
 
 
 def _off_lattice_grid(rng, out_shape, sizes, align_corners):

@@ -7,13 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from conftest import ALIGN, MODES, PADDINGS, interior_grid, scipy_sample
+from hypothesis import given, settings, strategies as st
 
 import stn_jax
 from stn_jax import identity_grid
-
-from conftest import ALIGN, MODES, PADDINGS, interior_grid, scipy_sample
 
 SETTINGS = settings(max_examples=15, deadline=None)
 

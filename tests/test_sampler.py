@@ -9,13 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import (
+    ALIGN,
+    CPU_SAMPLERS,
+    MODES,
+    PADDINGS,
+    for_each_padding,
+    interior_grid,
+    scipy_sample,
+    to_normalized,
+    use_cpu_sampler,
+)
 
 import stn_jax
 from stn_jax import affine_grid, get_transform, grid_sample, grid_sample_3d, identity_grid, warp
-
-from conftest import (ALIGN, CPU_SAMPLERS, MODES, PADDINGS, for_each_padding, interior_grid, scipy_sample,
-                      to_normalized, use_cpu_sampler)
-
 
 # ---------------------------------------------------------------------------
 # Interior points against scipy.ndimage.map_coordinates.

@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch (optional reference) is not installed: pip install torch==2.13.0")
 F = torch.nn.functional
 
-from stn_jax import affine_grid, affine_grid_3d, grid_sample, grid_sample_3d, identity_grid  # noqa: E402
-
 from conftest import ALIGN, MODES, PADDINGS, for_each_padding, from_torch, to_torch  # noqa: E402
+
+from stn_jax import affine_grid, affine_grid_3d, grid_sample, grid_sample_3d, identity_grid  # noqa: E402
 
 # Sizes whose pixel lattice is exact in binary for the convention (see
 # test_sampler): identity and integer-shift grids land exactly on pixels in

@@ -6,14 +6,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from stn_jax import (TRANSFORMS, affine_grid, affine_grid_3d, attention_grid, attention_to_affine, compose_affine,
-                     compose_projective, default_control_points, get_transform, grid_sample, identity_grid,
-                     invert_affine, invert_projective, normalized_to_pixel, pixel_to_normalized, projective_grid,
-                     projective_matrix, tps_grid, warp)
-from stn_jax.coords import pixel_centers
-
 from conftest import ALIGN
+
+from stn_jax import (
+    TRANSFORMS,
+    affine_grid,
+    affine_grid_3d,
+    attention_grid,
+    attention_to_affine,
+    compose_affine,
+    compose_projective,
+    default_control_points,
+    get_transform,
+    grid_sample,
+    identity_grid,
+    invert_affine,
+    invert_projective,
+    normalized_to_pixel,
+    pixel_to_normalized,
+    projective_grid,
+    projective_matrix,
+    tps_grid,
+    warp,
+)
+from stn_jax.coords import pixel_centers
 
 
 def _apply_affine(theta, grid):

@@ -44,7 +44,7 @@ _override = threading.local()
 def _cpu_fingerprint() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
-        flags = next((l for l in text.splitlines() if l.startswith(("flags", "Features"))), "")
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
     except OSError:
         flags = ""
     return platform.machine() + flags

@@ -10,7 +10,8 @@ line naming the key and the valid choices.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -30,7 +31,8 @@ def trainer_defaults() -> dict[str, Any]:
         "checkpoint_every": 1_000,
         "keep_checkpoints": 3,
         "eval_batch_size": 1_000,
-        "optimizer": {"learning_rate": 0.01, "decay_every": 1_000_000, "decay_factor": 0.1, "momentum": 0.9,
+        "optimizer": {"learning_rate": 0.01, "decay_every": 1_000_000, "decay_boundaries": (), "decay_factor": 0.1,
+                      "momentum": 0.9,
                       "nesterov": False, "weight_decay": 0.0, "loc_lr_multiplier": 1.0},
         "model": {"name": None, "transform": "", "options": {}},
         "data": {"task": None},

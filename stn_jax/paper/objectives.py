@@ -19,7 +19,8 @@ for MNIST and CUB. Adding one is a subclass and a `register` call.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -123,3 +124,48 @@ def check_labels(labels: Any, num_classes: int, what: str) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"{what}: labels must lie in [0, {num_classes}) for this model, got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+@register
+class Sequence(Objective):
+    """Multi-digit sequences (paper Sect. 4.2, SVHN): five independent softmax classifiers, one per position.
+
+    The model returns logits ``(B, P, C)`` (P = 5 positions, C = 11: digits 0-9 and 10 = "no digit");
+    ``batch["label"]`` is int ``(B, P)`` with the "no digit" class in unused positions [P]. The loss is
+    the sum over positions of the softmax cross-entropy, averaged over examples (every head is trained
+    on every position, "no digit" included; Goodfellow et al.'s separate length head is not used [P]).
+    Metrics: ``error`` (sequence error: a number counts as right only if all P positions are right, the
+    paper's Table 2 metric) and ``position_error`` (the mean error of the P classifiers).
+
+    Option ``identity_penalty``: as for `Classification` (0: the paper's plain loss).
+    """
+
+    name = "sequence"
+    defaults = {"identity_penalty": 0.0}
+
+    @staticmethod
+    def _terms(logits, labels):
+        """Per example: summed cross-entropy ``(B,)``, sequence wrong ``(B,)``, positions wrong ``(B,)`` (mean)."""
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).sum(-1)
+        wrong = logits.argmax(-1) != labels
+        return ce, wrong.any(-1), wrong.mean(-1)
+
+    def loss(self, model, batch):
+        logits, aux = model(batch["image"], return_aux=True)
+        ce, seq_wrong, pos_wrong = self._terms(logits, batch["label"])
+        ce = ce.mean()
+        loss = ce + self.options["identity_penalty"] * aux["identity_penalty"]
+        return loss, dict(cross_entropy=ce, error=seq_wrong.mean(), position_error=pos_wrong.mean(),
+                          identity_penalty=aux["identity_penalty"], **theta_stats(aux["theta"]))
+
+    def eval_sums(self, model, batch):
+        logits = model(batch["image"])
+        mask = batch["mask"]
+        ce, seq_wrong, pos_wrong = self._terms(logits, batch["label"])
+        return dict(loss=(ce * mask).sum(), errors=(seq_wrong * mask).sum(),
+                    position_errors=(pos_wrong * mask).sum(), count=mask.sum())
+
+    def summarize(self, sums):
+        count = max(sums["count"], 1.0)
+        return {"error": sums["errors"] / count, "loss": sums["loss"] / count,
+                "position_error": sums["position_errors"] / count}

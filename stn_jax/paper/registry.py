@@ -8,7 +8,8 @@ parametrisations) reads the names from a registry, so adding an entry is one
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -43,8 +43,10 @@ import platform
 import signal
 import socket
 import time
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -406,6 +408,19 @@ def _train(run: Run, workdir: Path, lead: bool) -> dict[str, float]:
     checkpoints = checkpoint_manager(workdir, config.keep_checkpoints)
     state = restore_latest(run, checkpoints, run.setup.state)
     start = int(jax.device_get(state.step))
+    newer = [s for s in checkpoints.all_steps() if s > start]  # unrestorable: they would block the saves
+    if newer:
+        aside = workdir / "unrestorable_checkpoints"
+        if lead:
+            aside.mkdir(exist_ok=True)
+            for s in newer:
+                target = aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+                Path(checkpoints.directory, str(s)).rename(target)
+                log.warning("moved the unrestorable checkpoint %d to %s; it will be written again", s, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("stn_jax: unrestorable checkpoints moved")
+        checkpoints = checkpoint_manager(workdir, config.keep_checkpoints)
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
     train_step = jax.jit(make_train_step(run.setup), donate_argnums=0,
                          out_shardings=(run.replicated, run.replicated))
@@ -496,7 +511,7 @@ def load_npz_test_set(path: str | Path, image_shape: tuple[int, ...] | None = No
         if "pickle" in str(e).lower() or "object arrays" in str(e).lower():
             raise ValueError(f"{path} holds pickled objects; save plain numeric arrays (np.savez)") from None
         raise
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable .npz file ({e})") from None
     if images.ndim == 3:
         images = images[..., None]

@@ -50,7 +50,11 @@ class TrainState:
 
 
 def make_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
-    """``learning_rate * decay_factor ** (step // decay_every)``: the paper's step schedule."""
+    """The paper's step schedules: ``learning_rate * decay_factor ** (step // decay_every)``, or, when
+    ``decay_boundaries`` lists steps, ``decay_factor`` once more at each of them (CUB: 10k, 20k, 25k)."""
+    boundaries = tuple(int(b) for b in (opt.get("decay_boundaries") or ()))
+    if boundaries:
+        return optax.piecewise_constant_schedule(opt.learning_rate, {b: opt.decay_factor for b in boundaries})
     return optax.exponential_decay(opt.learning_rate, transition_steps=opt.decay_every,
                                    decay_rate=opt.decay_factor, staircase=True)
 
@@ -84,7 +88,9 @@ class Setup:
 
     def merge(self, params: dict, model_state: Any, *, train: bool, step: jax.Array | None = None):
         graphdef = self.graphdef_train if train else self.graphdef_eval
-        model = nnx.merge(graphdef, params["loc"], params["main"], self.rng_state, model_state)
+        # copy=True: the random-number streams are reseeded below inside a traced step, so the merged
+        # model must own its variables (flax refuses to mutate a variable from an outer trace).
+        model = nnx.merge(graphdef, params["loc"], params["main"], self.rng_state, model_state, copy=True)
         if train and step is not None and jax.tree.leaves(self.rng_state):
             key = jax.random.fold_in(jax.random.key(self.config.seed), step)
             nnx.reseed(model, dropout=key)

@@ -1,7 +1,8 @@
-"""The paper's MNIST distortions as pure JAX functions of a PRNG key (digest 2.1, 2.4, 2.5, 1.8).
+"""The paper's MNIST distortions as pure JAX functions of a PRNG key (paper Sect. 4.1, Appendix A.1-A.3).
 
 Every function makes **one** example from one key; the pipeline maps them over
-a batch with `jax.vmap` inside one `jax.jit`. Geometric distortions are built
+a batch with `jax.lax.map` inside one `jax.jit` (one example per iteration, so
+an example's bits do not depend on the batch size or the process's shard). Geometric distortions are built
 with stn_jax's own transforms and sampler: each is a map from output (canvas)
 coordinates to digit coordinates, turned into a sampling grid by
 `affine_grid` / `projective_grid` / `tps_grid` / `affine_grid_3d` and read with
@@ -61,7 +62,7 @@ class Draws:
         self.used = 0
 
     @classmethod
-    def from_key(cls, key, n: int) -> "Draws":
+    def from_key(cls, key, n: int) -> Draws:
         return cls(jax.random.bits(key, (max(n, 1),), jnp.uint32))
 
     def take(self, n: int) -> jax.Array:
@@ -216,7 +217,7 @@ def _box_corners(ink) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# R, RTS, P, E (digest 2.1).
+# R, RTS, P, E (paper Sect. 4.1).
 # ----------------------------------------------------------------------------
 
 
@@ -418,7 +419,7 @@ def colocalisation(rng, digit, ink, sources, *, canvas_size: int = 84, num_clutt
 
 
 # ----------------------------------------------------------------------------
-# MNIST addition (digest 2.4) and 3-D MNIST (digest 1.8).
+# MNIST addition (paper Appendix A.1) and 3-D MNIST (Appendix A.3).
 # ----------------------------------------------------------------------------
 
 

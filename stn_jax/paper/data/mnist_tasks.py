@@ -12,7 +12,8 @@ appendix ("to verify"), [R] independent generators agree, [U] our assumption
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from flax import nnx
 
@@ -202,4 +203,4 @@ def describe(name: str, transform: str | None, input_shape: Sequence[int], num_c
 
 
 # The model families register themselves on import.
-from stn_jax.paper.models import mnist  # noqa: E402,F401
+from stn_jax.paper.models import coloc, cub, mnist, svhn  # noqa: E402,F401

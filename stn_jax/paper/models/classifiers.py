@@ -9,7 +9,7 @@ is chosen by the model factories from a parameter budget
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import nnx

@@ -28,7 +28,6 @@ from typing import Any
 from flax import nnx
 
 from stn_jax.layers import (
-    ConvBody,
     DepthReduce,
     FCBody,
     LocalisationParam,

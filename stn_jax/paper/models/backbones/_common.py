@@ -1,0 +1,85 @@
+"""Pieces shared by the backbones: the output tuple, PyTorch-compatible pooling, BatchNorm defaults.
+
+Everything is channels-last (NHWC).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = ["BackboneOutput", "max_pool", "avg_pool_3x3_count_pad", "global_avg_pool", "batch_norm",
+           "torch_momentum"]
+
+
+class BackboneOutput(NamedTuple):
+    """What a backbone returns.
+
+    Attributes:
+      feature_map: ``(B, h, w, F)``: the last feature map, before the global pooling (the
+        localisation network of the CUB ST-CNN uses it).
+      features: ``(B, F)``: its spatial mean (the global average pool).
+      logits: ``(B, num_classes)`` from the ImageNet classifier (dropout applied in training mode
+        where the architecture has one), or ``None`` for a backbone built with ``num_classes=None``.
+    """
+
+    feature_map: jax.Array
+    features: jax.Array
+    logits: jax.Array | None
+
+
+def torch_momentum(momentum: float) -> float:
+    """Flax's BatchNorm momentum (weight of the old running value) for PyTorch's ``momentum``."""
+    return 1.0 - momentum
+
+
+def batch_norm(features: int, *, epsilon: float, momentum: float, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """A channels-last `nnx.BatchNorm` in training mode (``model.eval()`` switches to running statistics).
+
+    ``momentum`` is Flax's (the weight of the old running value, ``1 - torch momentum``). The exact
+    two-pass variance is used (``use_fast_variance=False``), as PyTorch does. As in every Flax
+    BatchNorm, the running variance is updated with the biased batch variance; PyTorch uses the
+    unbiased one (a factor ``n / (n - 1)``, ``n`` = batch x height x width, on the update only).
+    """
+    return nnx.BatchNorm(features, use_running_average=False, momentum=momentum, epsilon=epsilon,
+                         use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, *, padding: int = 0, ceil: bool = False) -> jax.Array:
+    """``torch.nn.MaxPool2d(window, stride, padding, ceil_mode=ceil)`` on ``(B, H, W, C)``.
+
+    Padding is with ``-inf``. In ceil mode the output has ``ceil((n + 2p - k) / s) + 1`` positions,
+    less one when the last window would start in the right/bottom padding (PyTorch's rule); the
+    extra windows read ``-inf`` beyond the border, so they take the maximum of the pixels present.
+    """
+    pads = []
+    for n in x.shape[1:3]:
+        span = n + 2 * padding - window
+        if span < 0:
+            raise ValueError(f"max_pool: spatial size {x.shape[1:3]} (padding {padding}) is smaller than the "
+                             f"window {window}")
+        out = (-(-span // stride) if ceil else span // stride) + 1
+        if ceil and (out - 1) * stride >= n + padding:
+            out -= 1
+        pads.append((padding, (out - 1) * stride + window - n - padding))
+    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, window, window, 1),
+                                 (1, stride, stride, 1), [(0, 0), *pads, (0, 0)])
+
+
+def avg_pool_3x3_count_pad(x: jax.Array) -> jax.Array:
+    """``torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True)`` on ``(B, H, W, C)``.
+
+    Every window is divided by 9, zeros of the padding included (ceil mode changes nothing at
+    stride 1).
+    """
+    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
+                                  [(0, 0), (1, 1), (1, 1), (0, 0)])
+    return total / 9.0
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """``(B, h, w, C) -> (B, C)``: the spatial mean."""
+    return x.mean(axis=(1, 2))

@@ -1,0 +1,185 @@
+"""The CUB-200-2011 models (paper Sect. 4.3, Table 3; Appendix A.6 [S]): a pretrained CNN and N parallel attention STs.
+
+==============  ==============================================================
+``cub_cnn``     backbone (ImageNet-pretrained) -> global pool -> dropout -> FC (the baseline, 224 px)
+``cub_st2``     2 parallel attention transformers with a fixed scale on the input image, one shared
+                localisation network; each 224 px crop -> its own part network (a copy of the
+                pretrained backbone) -> pooled part features concatenated -> dropout -> FC
+``cub_st4``     the same with 4 transformers
+==============  ==============================================================
+
+Details (paper Appendix A.6 as reported second-hand [S], our choices [U]):
+
+* Backbones: ``inception_bn`` (the paper's BN-Inception) or ``efficientnet_lite0``
+  (`stn_jax.paper.models.backbones`); option ``pretrained``: ``""`` (random
+  initialisation), ``"imagenet"`` (the backbone's installed ImageNet file) or the
+  path of a PyTorch state dict. Every backbone copy (localisation network and each
+  part network) starts from the same weights. Inputs are RGB in [0, 1]; each
+  backbone applies its own preprocessing.
+* Transformers [S]: attention with the scale fixed at ``scale`` (0.5: crops of half
+  the image side), so the localisation network regresses a translation per
+  transformer (2N numbers); the crops are ``crop_size`` (224) pixels.
+* Localisation network [S]: the backbone without its last pooling (its feature map)
+  -> 1x1 conv 128 -> ReLU -> FC 128 -> ReLU -> FC 2N, on a copy of the input
+  downsampled to ``crop_size`` (a 448 px input is average-pooled 2x) [U]. Its last
+  layer starts with a zero kernel and a bias that places the crops on distinct
+  parts of the image [S]: two crops on the upper and lower halves, four on the
+  quadrants [U].
+* Head [S]: dropout 0.7 before the one softmax layer (``num_classes``).
+
+The paper reports accuracy; `ModelSpec.paper` holds the error (100 - accuracy) under
+the keys ``("cub224", "")`` / ``("cub448", "attention")`` etc., one per Table 3 row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import stn_jax
+from stn_jax.layers import Flatten, as_localisation, pool
+from stn_jax.paper.models import ModelSpec, register
+from stn_jax.paper.models.backbones import BACKBONES, build_from_torch_state_dict, read_torch_state_dict
+
+INITIAL_CENTRES = {1: [(0.0, 0.0)], 2: [(0.0, -0.5), (0.0, 0.5)],
+                   4: [(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)]}
+"""Initial crop centres (normalised x, y) per number of transformers [U]: halves for 2, quadrants for 4."""
+
+
+class _Backbones:
+    """Makes backbone copies, reading a pretrained state dict once."""
+
+    def __init__(self, name: str, pretrained: str):
+        if name not in BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+        self.spec = BACKBONES[name]
+        self.state_dict = None
+        if pretrained:
+            path = self.spec.default_weights_path() if pretrained == "imagenet" else pretrained
+            if path is None:
+                raise FileNotFoundError(f"no ImageNet weights installed for {name!r}: {self.spec.how_to_get}")
+            self.state_dict = read_torch_state_dict(path, how_to_get=self.spec.how_to_get)
+
+    def make(self, rngs: nnx.Rngs) -> nnx.Module:
+        if self.state_dict is None:
+            return self.spec.create(None, rngs=rngs)
+        keys = dict(params=rngs.params(), dropout=rngs.dropout())
+        return build_from_torch_state_dict(lambda: self.spec.create(None, rngs=nnx.Rngs(**keys)), self.state_dict,
+                                           self.spec.torch_name_map(None), skip=(self.spec.classifier_prefix,))
+
+
+def _check_input(x: jax.Array, input_shape: tuple[int, ...], name: str) -> None:
+    if x.shape[1:] != input_shape:
+        raise ValueError(f"{name}: expected inputs of shape (B, {', '.join(map(str, input_shape))}) "
+                         f"(RGB in [0, 1], channels last), got {tuple(x.shape)}")
+
+
+class CubCNN(nnx.Module):
+    """backbone -> pooled features -> dropout -> FC(num_classes); ``model(x)`` -> logits ``(B, num_classes)``."""
+
+    def __init__(self, input_shape, num_classes: int, *, backbone: str, pretrained: str, dropout: float,
+                 rngs: nnx.Rngs):
+        maker = _Backbones(backbone, pretrained)
+        self.input_shape, self.preprocess = tuple(input_shape), maker.spec.preprocess
+        self.backbone = maker.make(rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.fc = nnx.Linear(maker.spec.num_features, num_classes, rngs=rngs)
+
+    def __call__(self, x, *, return_aux: bool = False):
+        _check_input(x, self.input_shape, "CubCNN")
+        logits = self.fc(self.dropout(self.backbone(self.preprocess(x)).features))
+        if not return_aux:
+            return logits
+        return logits, {"theta": [], "warped": [], "identity_penalty": jnp.zeros(())}
+
+
+class CubSTCNN(nnx.Module):
+    """N attention transformers with a fixed scale, one shared localisation network, N part networks.
+
+    ``model(x)``: ``x`` ``(B, S, S, 3)`` RGB in [0, 1] -> logits ``(B, num_classes)``;
+    ``return_aux=True`` adds ``aux["theta"]`` (N arrays ``(B, 3)`` of attention parameters
+    ``(scale, tx, ty)``) and ``aux["warped"]`` (the N crops ``(B, crop, crop, 3)``).
+    """
+
+    def __init__(self, input_shape, num_classes: int, *, num_transformers: int, backbone: str, pretrained: str,
+                 dropout: float, scale: float, crop_size: int, loc_channels: int, loc_hidden: int,
+                 rngs: nnx.Rngs):
+        n = int(num_transformers)
+        if n not in INITIAL_CENTRES:
+            raise ValueError(f"num_transformers must be one of {sorted(INITIAL_CENTRES)}, got {n}")
+        size = int(input_shape[0])
+        if size % crop_size or tuple(input_shape) != (size, size, 3):
+            raise ValueError(f"input must be (S, S, 3) with S a multiple of crop_size {crop_size}, got "
+                             f"{tuple(input_shape)}")
+        maker = _Backbones(backbone, pretrained)
+        self.input_shape, self.preprocess = tuple(input_shape), maker.spec.preprocess
+        self.num_transformers, self.scale, self.crop_size = n, float(scale), int(crop_size)
+        self.downsample = size // crop_size
+        loc_backbone = maker.make(rngs)
+        loc_backbone.eval()  # shape inference must not touch the batch statistics
+        fmap = jax.eval_shape(lambda: loc_backbone.feature_map(jnp.zeros((1, crop_size, crop_size, 3))))
+        loc_backbone.train()
+        self.loc = as_localisation(_LocHead(loc_backbone, fmap.shape[1:], loc_channels, loc_hidden, n, rngs=rngs))
+        self.parts = nnx.List([maker.make(rngs) for _ in range(n)])
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.fc = nnx.Linear(n * maker.spec.num_features, num_classes, rngs=rngs)
+
+    def __call__(self, x, *, return_aux: bool = False):
+        _check_input(x, self.input_shape, "CubSTCNN")
+        small = pool(x, self.downsample, kind="avg") if self.downsample > 1 else x
+        translations = self.loc(self.preprocess(small)).reshape(x.shape[0], self.num_transformers, 2)
+        thetas, crops, features = [], [], []
+        for k, part in enumerate(self.parts):
+            theta = jnp.concatenate([jnp.full((x.shape[0], 1), self.scale, x.dtype), translations[:, k]], -1)
+            grid = stn_jax.attention_grid(theta, (self.crop_size, self.crop_size))
+            crop = stn_jax.grid_sample(x, grid)
+            thetas.append(theta)
+            crops.append(crop)
+            features.append(part(self.preprocess(crop)).features)
+        logits = self.fc(self.dropout(jnp.concatenate(features, -1)))
+        if not return_aux:
+            return logits
+        return logits, {"theta": thetas, "warped": crops, "identity_penalty": jnp.zeros(())}
+
+
+class _LocHead(nnx.Module):
+    """backbone feature map -> 1x1 conv -> ReLU -> FC -> ReLU -> FC 2N (initialised to `INITIAL_CENTRES`)."""
+
+    def __init__(self, backbone: nnx.Module, fmap_shape, channels: int, hidden: int, n: int, *, rngs: nnx.Rngs):
+        h, w, f = fmap_shape
+        self.backbone = backbone
+        self.conv = nnx.Conv(f, channels, (1, 1), rngs=rngs)
+        self.flatten = Flatten(3)
+        self.fc = nnx.Linear(h * w * channels, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, 2 * n, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+        self.out.bias.set_value(jnp.asarray(np.asarray(INITIAL_CENTRES[n], np.float32).ravel()))
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv(self.backbone.feature_map(x)))
+        return self.out(jax.nn.relu(self.fc(self.flatten(x))))
+
+
+_COMMON: dict[str, Any] = {"backbone": "efficientnet_lite0", "pretrained": "", "dropout": 0.7}
+_ST: dict[str, Any] = {"scale": 0.5, "crop_size": 224, "loc_channels": 128, "loc_hidden": 128}
+
+
+def _build_cnn(input_shape, num_classes, transform, rngs, **o):
+    return CubCNN(input_shape, num_classes, rngs=rngs, **o)
+
+
+def _build_st(n: int):
+    def build(input_shape, num_classes, transform, rngs, **o):
+        return CubSTCNN(input_shape, num_classes, num_transformers=n, rngs=rngs, **o)
+    return build
+
+
+# Table 3: accuracy % -> error %.
+register(ModelSpec("cub_cnn", _build_cnn, dict(_COMMON), (), "CNN", ("cub",), {("cub224", ""): round(100 - 82.3, 1)}))
+register(ModelSpec("cub_st2", _build_st(2), {**_COMMON, **_ST}, ("attention",), "2xST-CNN", ("cub",),
+                   {("cub224", "attention"): round(100 - 83.1, 1), ("cub448", "attention"): round(100 - 83.9, 1)}))
+register(ModelSpec("cub_st4", _build_st(4), {**_COMMON, **_ST}, ("attention",), "4xST-CNN", ("cub",),
+                   {("cub448", "attention"): round(100 - 84.1, 1)}))
