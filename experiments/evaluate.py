@@ -24,12 +24,11 @@ FLAGS = flags.FLAGS
 def main(argv) -> None:
     del argv
     from stn_jax.paper import train
+    from stn_jax.paper.config import resolve
     from stn_jax.paper.objectives import create_objective
 
     result = train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
-    objective = create_objective(FLAGS.config.get("objective") or {"name": "classification"})
-    line = getattr(objective, "result_line", None)  # objectives other than classification print their own
-    print(line(result) if line else f"test_error={result['error']!r} test_loss={result['loss']!r}")
+    print(create_objective(resolve(FLAGS.config).objective).result_line(result))
 
 
 if __name__ == "__main__":

@@ -47,13 +47,12 @@ def main(argv) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     initialize_distributed()
     from stn_jax.paper import train  # after distributed initialisation
+    from stn_jax.paper.config import resolve
     from stn_jax.paper.objectives import create_objective
 
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
-        objective = create_objective(FLAGS.config.get("objective") or {"name": "classification"})
-        line = getattr(objective, "result_line", None)  # objectives other than classification print their own
-        print(line(result) if line else f"test_error={result['error']!r} test_loss={result['loss']!r}")
+        print(create_objective(resolve(FLAGS.config).objective).result_line(result))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ parity module (tests/test_torch_parity.py) needs it.
 
 from __future__ import annotations
 
-import contextlib
+import gzip
+import os
+import struct
 import sys
 from pathlib import Path
 
@@ -15,16 +17,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-try:  # The native CPU kernels are optional; without them there is one lowering.
-    from stn_jax._native import CPU_SAMPLERS, use_cpu_sampler
-except ImportError:  # pragma: no cover - depends on the checkout
-    CPU_SAMPLERS, use_cpu_sampler = ("default",), None
+from stn_jax import CPU_SAMPLERS, use_cpu_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
-# The four original MNIST IDX files (../shared/data/mnist; any copy of them works).
 if str(ROOT) not in sys.path:  # config files import `configs.common`; experiments.* are run as modules
     sys.path.insert(0, str(ROOT))
-MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+# The project's real data beside a CI checkout; STN_JAX_SHARED=/elsewhere points the suite at another copy
+# (or, e.g. STN_JAX_SHARED=/nonexistent, at none: the real-data tests then skip, saying why).
+SHARED = Path(os.environ.get("STN_JAX_SHARED") or ROOT.parent / "shared")
+# The four original MNIST IDX files (../shared/data/mnist; any copy of them works).
+MNIST_DIR = SHARED / "data" / "mnist"
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                "t10k-labels-idx1-ubyte.gz")
 MODES = ("bilinear", "nearest")
@@ -39,11 +41,32 @@ ALIGN = (False, True)
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> str:
+    """The real MNIST folder, for the ``@pytest.mark.real_data`` tests that need the original files; else skip."""
     missing = [f for f in MNIST_FILES if not (MNIST_DIR / f).is_file()]
     if missing:
-        pytest.fail(f"the MNIST folder {MNIST_DIR} lacks {missing}: these tests read the four original MNIST "
-                    f"files from ../shared/data/mnist (see its README), or from a folder you copy there")
+        pytest.skip(f"real-data test: the MNIST folder {MNIST_DIR} lacks {', '.join(missing)} (it holds the four "
+                    f"original MNIST files beside the project in CI; see its README, or set STN_JAX_SHARED)")
     return str(MNIST_DIR)
+
+
+@pytest.fixture(scope="session")
+def synthetic_mnist(tmp_path_factory) -> str:
+    """A folder of four small MNIST-format IDX files (`write_synthetic_mnist`): the default suite's data."""
+    folder = tmp_path_factory.mktemp("synthetic_mnist")
+    write_synthetic_mnist(folder)
+    return str(folder)
+
+
+def shared_path(relative: str) -> Path:
+    """``../shared/<relative>`` (the project's data folder beside a CI checkout), or skip saying why.
+
+    Tests that read real data take their paths from here and carry ``@pytest.mark.real_data``;
+    a clone of the project without ``../shared`` skips them with this reason.
+    """
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"real-data test: {path} is absent (it exists beside the project in CI; see the data READMEs)")
+    return path
 
 
 @pytest.fixture
@@ -60,9 +83,84 @@ def cpu_sampler(request):
     Functions traced inside the test use the chosen lowering; both must give the
     same answers, so tests that take this fixture check both.
     """
-    ctx = use_cpu_sampler(request.param) if use_cpu_sampler is not None else contextlib.nullcontext()
-    with ctx:
+    with use_cpu_sampler(request.param):
         yield request.param
+
+
+# ---------------------------------------------------------------------------
+# A synthetic MNIST: digit-like glyphs in the original file format.
+# ---------------------------------------------------------------------------
+
+# Each class is a few strokes (polylines in a unit box, y down), loosely the shape of the digit.
+def _arc(cx, cy, rx, ry, start, stop, n=10):
+    t = np.linspace(np.radians(start), np.radians(stop), n)
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1)
+
+
+GLYPHS = {
+    0: [_arc(0.5, 0.5, 0.32, 0.46, 0, 360, 20)],
+    1: [np.array([[0.35, 0.2], [0.55, 0.0], [0.55, 1.0]])],
+    2: [np.concatenate([_arc(0.5, 0.28, 0.3, 0.28, 190, 380), [[0.15, 1.0], [0.9, 1.0]]])],
+    3: [_arc(0.45, 0.26, 0.3, 0.25, 210, 450), _arc(0.45, 0.74, 0.33, 0.26, 270, 510)],
+    4: [np.array([[0.65, 1.0], [0.65, 0.0], [0.1, 0.68], [0.9, 0.68]])],
+    5: [np.concatenate([[[0.85, 0.0], [0.25, 0.0], [0.2, 0.45]], _arc(0.48, 0.7, 0.34, 0.3, 240, 500)])],
+    6: [np.concatenate([[[0.7, 0.0]], _arc(0.5, 0.7, 0.32, 0.3, 200, 560)])],
+    7: [np.array([[0.1, 0.0], [0.9, 0.0], [0.4, 1.0]]), np.array([[0.35, 0.5], [0.75, 0.5]])],
+    8: [_arc(0.5, 0.25, 0.26, 0.24, 0, 360, 16), _arc(0.5, 0.73, 0.32, 0.27, 0, 360, 16)],
+    9: [np.concatenate([_arc(0.5, 0.3, 0.32, 0.3, 20, 380), [[0.82, 1.0]]])],
+}
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 28x28 uint8 digit-like images and their labels (every class, in random order).
+
+    Each image draws its class's strokes, anti-aliased, with a random scale,
+    rotation, shear, offset, stroke width and brightness, and noisy ink; the
+    glyph fills about 20x20 pixels near the centre (like MNIST's) and the
+    background is exactly 0.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.arange(10), rng.integers(0, 10, n - 10)])[rng.permutation(n)].astype(np.uint8)
+    ys, xs = np.mgrid[:28, :28].astype(np.float64)
+    pix = np.stack([xs.ravel(), ys.ravel()], 1)  # (784, 2) pixel centres (x, y)
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i, label in enumerate(labels):
+        angle, shear = np.radians(rng.uniform(-12, 12)), rng.uniform(-0.2, 0.2)
+        size = rng.uniform(14, 18)
+        linear = size * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ \
+            np.array([[rng.uniform(0.75, 1.0), shear], [0.0, 1.0]])
+        centre = np.array([13.5, 13.5]) + rng.uniform(-1.0, 1.0, 2)
+        width = rng.uniform(0.9, 1.6)  # half-width of a stroke, pixels
+        dist = np.full(len(pix), np.inf)
+        for stroke in GLYPHS[int(label)]:
+            pts = (stroke - 0.5) @ linear.T + centre + rng.normal(0, 0.3, stroke.shape)
+            a, b = pts[:-1], pts[1:]
+            ab = b - a
+            t = np.clip(((pix[:, None] - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9), 0, 1)
+            d = np.linalg.norm(pix[:, None] - (a + t[..., None] * ab), axis=-1).min(1)
+            dist = np.minimum(dist, d)
+        ink = np.clip(width + 0.5 - dist, 0, 1) * rng.uniform(0.75, 1.0)
+        ink = ink * np.clip(rng.normal(1.0, 0.12, ink.shape), 0.5, 1.2)
+        images[i] = np.clip(np.round(255 * ink), 0, 255).reshape(28, 28).astype(np.uint8)
+    return images, labels
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """``<prefix>-images-idx3-ubyte.gz`` (magic 2051) and ``<prefix>-labels-idx1-ubyte.gz`` (magic 2049)."""
+    n = len(labels)
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">iiii", 2051, n, 28, 28) + np.ascontiguousarray(images, np.uint8).tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">ii", 2049, n) + np.asarray(labels, np.uint8).tobytes())
+
+
+def write_synthetic_mnist(folder: str | Path, train: int = 600, test: int = 200, seed: int = 0) -> Path:
+    """Writes the four MNIST IDX files of a synthetic MNIST (`synthetic_digits`) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder, "train", *synthetic_digits(train, seed))
+    write_idx(folder, "t10k", *synthetic_digits(test, seed + 1))
+    return folder
 
 
 # ---------------------------------------------------------------------------

@@ -22,11 +22,11 @@ import optax
 import pytest
 from flax import nnx
 
-from stn_jax import TRANSFORMS, models
+from experiments import model_tables
+from stn_jax import TRANSFORMS
 from stn_jax.layers import (
     Bound,
     ConvBody,
-    FCBody,
     LocalisationParam,
     ParallelTransformers,
     Pool,
@@ -35,28 +35,61 @@ from stn_jax.layers import (
     count_params,
     pool,
 )
+from stn_jax.paper import models
+from stn_jax.paper.data import TASKS
+from stn_jax.paper.data.mnist_tasks import MNIST_TASKS
+from stn_jax.paper.models import MODELS
+from stn_jax.paper.models.classifiers import CNNClassifier
+from stn_jax.paper.models.mnist import BUDGET_TOLERANCE, PARAM_BUDGET
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
-# (name, transform, input shape, num_classes, options) for every model of the paper's tables. The
-# default run trains every model name and every transform (affine, projective and TPS with the FC
-# localisation network, TPS with the convolutional one, the parallel pair); the other combinations
-# (the same code paths with another transform) are marked slow to keep this file near a minute on
-# two cores: `pytest -m slow` or `make test-all` trains them too. st3d trains on a 12^3 volume with
-# the FCN classifier here; its default CNN classifier is checked at 60^3 on the abstract model.
-_FAST = {("st_fcn", "projective"), ("st_cnn", "tps"), ("add_st_fcn", "affine"), ("add_2st_fcn", "tps")}
-TRAIN_CASES = (
-    [("fcn", None, (28, 28, 1), 10, {}), ("cnn", None, (28, 28, 1), 10, {})]
-    + [(n, t, (28, 28, 1), 10, {}) for n in ("st_fcn", "st_cnn") for t in models.PAPER_TRANSFORMS]
-    + [("add_fcn", None, (28, 28, 2), 19, {}), ("add_cnn", None, (28, 28, 2), 19, {})]
-    + [(n, t, (28, 28, 2), 19, {"post_pool": 2}) for n in ("add_st_fcn", "add_2st_fcn")
-       for t in models.PAPER_TRANSFORMS]
-    + [("st3d", None, (12, 12, 12, 1), 10, {"classifier": "fcn"})]
-)
-TRAIN_PARAMS = [pytest.param(*case, id=f"{case[0]}-{case[1]}",
-                             marks=[pytest.mark.slow] if case[1] and (case[0], case[1]) not in _FAST
-                             and case[0] != "st3d" else [])
-                for case in TRAIN_CASES]
+
+def _family_models() -> list[tuple[str, tuple[int, ...], int, tuple[int, ...]]]:
+    """Every registered model of the MNIST families: ``(name, small input, classes, its task's input)``.
+
+    Small inputs are 28x28 (the cheapest size every classifier takes) with the task's channels; 3-D models
+    get a 12^3 volume (with the FCN classifier, see `TRAIN_PARAMS`).
+    """
+    out = []
+    for name, spec in MODELS.items():
+        tasks = [t for t in spec.tasks if t in MNIST_TASKS]
+        if not tasks:
+            continue
+        task = MNIST_TASKS[tasks[0]]
+        shape = tuple(task.image_shape(dict(TASKS.get(tasks[0]).defaults)))
+        small = (12, 12, 12, shape[-1]) if spec.input_ndim == 3 else (28, 28, shape[-1])
+        out.append((name, small, task.num_classes, shape))
+    return out
+
+
+# (name, transform, input shape, num_classes, options) for every registered MNIST-family model and every
+# transform it accepts (from the registries). The default run trains every model name and every transform
+# once: the k-th model with a choice of transforms trains its (k mod n)-th transform; the other combinations
+# (the same code paths with another transform) are marked slow to keep this file near a minute on two
+# cores: `pytest -m slow` or `make test-all` trains them too. 3-D models train on a 12^3 volume with the FCN
+# classifier here; their default CNN classifier is checked at 60^3 on the abstract model.
+def _train_params() -> list:
+    params, k = [], 0
+    for name, shape, num_classes, full in _family_models():
+        spec = MODELS.get(name)
+        options = {}
+        if spec.input_ndim == 3:
+            options["classifier"] = "fcn"
+        elif spec.transforms and min(full[:2]) >= 42:
+            options["post_pool"] = 2  # what the model does on its task's input (e.g. addition's 42x42)
+        if len(spec.transforms) <= 1:
+            params.append(pytest.param(name, spec.transforms[0] if spec.transforms else None, shape, num_classes,
+                                       options, id=f"{name}-{spec.transforms[0] if spec.transforms else None}"))
+            continue
+        fast = spec.transforms[k % len(spec.transforms)]
+        k += 1
+        params += [pytest.param(name, t, shape, num_classes, options, id=f"{name}-{t}",
+                                marks=[] if t == fast else [pytest.mark.slow]) for t in spec.transforms]
+    return params
+
+
+TRAIN_PARAMS = _train_params()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,7 +115,9 @@ def _apply_aux(model, x):
 
 
 def _n_transformers(name: str) -> int:
-    return 2 if name == "add_2st_fcn" else int(name.startswith(("st_", "add_st", "st3d")))
+    """Transformers in a model, from its registry options (``num_transformers``; 1 for any other ST model)."""
+    spec = MODELS.get(name)
+    return int(spec.options.get("num_transformers", 1)) if spec.transforms else 0
 
 
 def _images(shape, batch=2, seed=0):
@@ -156,15 +191,16 @@ def test_model_trains(name, transform, shape, num_classes, options):
 # Shapes and parameter counts on abstract models (no compilation).
 # ----------------------------------------------------------------------------
 
-SHAPE_CASES = (
-    [(n, t, s, 10) for n, t in models.paper_models("mnist") for s in ((28, 28, 1), (42, 42, 1), (60, 60, 1))]
-    + [(n, t, (42, 42, 2), 19) for n, t in models.paper_models("addition")]
-    + [("st3d", "affine3d", (60, 60, 60, 1), 10)]
-)
+# The paper's models of each family at every input shape of the family's tasks (the docs tables' cells):
+# distorted MNIST at 28, 42 (RTS) and 60 (TC), addition at 42x42x2, 3-D at 60^3.
+SHAPE_CASES = [(n, t, shape, nc) for family in model_tables.FAMILIES
+               for _, shape, nc in model_tables.experiments(family) for n, t in model_tables.paper_models(family)]
 
 
 def test_output_shapes_at_paper_sizes():
     """Every model at 28, 42 and 60 pixels (RTS ceil-mode pooling included), addition and 3-D."""
+    assert {(n, s) for n, _, s, _ in SHAPE_CASES} >= {("st_cnn", (42, 42, 1)), ("fcn", (60, 60, 1)),
+                                                      ("add_2st_fcn", (42, 42, 2)), ("st3d", (60, 60, 60, 1))}
     for name, transform, shape, nc in SHAPE_CASES:
         model = models.abstract_model(name, transform, shape, nc)
         x = jax.ShapeDtypeStruct((3,) + shape, jnp.float32)
@@ -180,30 +216,34 @@ def test_param_counts_within_budget():
     for name, transform, shape, nc in SHAPE_CASES:
         model = models.abstract_model(name, transform, shape, nc)
         total = count_params(model)
-        assert abs(total - models.PARAM_BUDGET) <= models.BUDGET_TOLERANCE * models.PARAM_BUDGET, (name, shape, total)
+        assert abs(total - PARAM_BUDGET) <= BUDGET_TOLERANCE * PARAM_BUDGET, (name, shape, total)
         loc = count_params(model, LocalisationParam)
         assert (loc > 0) == (transform is not None)
         assert model.summary.startswith(model.display_name)
 
 
 def test_docs_table_is_current():
-    """docs/models.md holds what `python -m stn_jax.models` prints (numbers are never typed by hand)."""
-    generated = models.generated_docs()
+    """docs/models.md holds what `python -m experiments.model_tables` prints (numbers are never typed by hand)."""
+    generated = model_tables.generated_docs()
+    assert generated.startswith(model_tables.BEGIN) and generated.endswith(model_tables.END)
     assert generated in DOCS.read_text(), \
-        "docs/models.md is out of date: run `python -m stn_jax.models --write docs/models.md`"
+        "docs/models.md is out of date: run `python -m experiments.model_tables --write docs/models.md`"
     assert re.search(r"^\| `ST-CNN TPS` \| `st_cnn`, `tps` \| [\d,]+ ", generated, re.MULTILINE)
+    for name, transform in model_tables.paper_models("mnist"):  # a row per model of the family
+        registry = f"`{name}`" + (f", `{transform}`" if transform else "")
+        assert f"| {registry} |" in generated
 
 
 def test_rts_shape_arithmetic():
-    assert models.CNNClassifier.feature_shape((21, 21, 1), 4) == (1, 1, 4)  # 21 -> 13 -> 7 -> 1 -> 1 (ceil)
-    assert models.CNNClassifier.feature_shape((28, 28, 1), 4) == (2, 2, 4)
-    assert models.CNNClassifier.feature_shape((30, 30, 1), 4) == (3, 3, 4)
+    assert CNNClassifier.feature_shape((21, 21, 1), 4) == (1, 1, 4)  # 21 -> 13 -> 7 -> 1 -> 1 (ceil)
+    assert CNNClassifier.feature_shape((28, 28, 1), 4) == (2, 2, 4)
+    assert CNNClassifier.feature_shape((30, 30, 1), 4) == (3, 3, 4)
     x = jnp.arange(2 * 5 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 5, 1)
     assert pool(x, 2, kind="max", ceil=True).shape == (2, 3, 3, 1)
     assert pool(x, 2, kind="max").shape == (2, 2, 2, 1)
     np.testing.assert_allclose(pool(x, 2, kind="avg", ceil=True)[0, 2, 2, 0], x[0, 4, 4, 0])
     with pytest.raises(ValueError, match="too small"):
-        models.CNNClassifier.feature_shape((20, 20, 1), 4)
+        CNNClassifier.feature_shape((20, 20, 1), 4)
 
 
 # ----------------------------------------------------------------------------
@@ -448,20 +488,26 @@ def test_orbax_round_trip(tmp_path):
 
 def test_errors_list_the_choices():
     kw = dict(input_shape=(28, 28, 1), num_classes=10, rngs=_rngs(0))
-    with pytest.raises(ValueError, match=r"unknown model 'resnet'.*'st_cnn'"):
+    with pytest.raises(ValueError, match=re.escape(f"unknown model 'resnet'; choose one of {', '.join(MODELS)}")):
         models.create_model("resnet", **kw)
-    with pytest.raises(ValueError, match=r"unknown transform 'similarity'.*'tps'"):
+    image_transforms = models.transforms_with_dims(2)
+    assert set(image_transforms) >= {"affine", "attention", "projective", "tps"}
+    with pytest.raises(ValueError, match=re.escape(f"needs transform to be one of {list(image_transforms)}, "
+                                                   f"got 'similarity'")):
         models.create_model("st_cnn", transform="similarity", **kw)
     with pytest.raises(ValueError, match=r"transform must be None.*'st_fcn'"):
         models.create_model("cnn", transform="affine", **kw)
-    with pytest.raises(ValueError, match=r"one of \['affine', 'attention', 'projective', 'tps'\]"):
+    with pytest.raises(ValueError, match=re.escape(f"one of {list(image_transforms)}, got None")):
         models.create_model("st_cnn", **kw)
     with pytest.raises(ValueError, match=r"\['affine3d'\]"):
         models.create_model("st3d", transform="tps", input_shape=(12, 12, 12, 1), num_classes=10, rngs=_rngs(0))
     with pytest.raises(ValueError, match=r"\(D, H, W, C\)"):
         models.create_model("st3d", **kw)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['loc_channels'\].*valid options.*loc_hidden"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['loc_channels'\].*valid options.*'localisation'"):
         models.create_model("st_fcn", transform="affine", loc_channels=(4,), **kw)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['localisation.channels'\].*valid options under "
+                                         r"localisation: \['hidden', 'kind'\]"):
+        models.create_model("st_fcn", transform="affine", localisation={"channels": (4,)}, **kw)
     with pytest.raises(ValueError, match="too small"):
         models.create_model("cnn", input_shape=(16, 16, 1), num_classes=10, rngs=_rngs(0))
     with pytest.raises(ValueError, match="raise param_budget"):
@@ -472,8 +518,9 @@ def test_errors_list_the_choices():
         SpatialTransformer((8, 8, 1), "affine", mode="bicubic", rngs=_rngs(0))
     with pytest.raises(ValueError, match=r"localisation must be .*\('fc', 'conv'\)"):
         SpatialTransformer((8, 8, 1), "affine", localisation="rnn", rngs=_rngs(0))
-    assert set(models.MODEL_NAMES) == {"fcn", "cnn", "st_fcn", "st_cnn", "add_fcn", "add_cnn", "add_st_fcn",
-                                      "add_2st_fcn", "st3d"}
+    paper = {"fcn", "cnn", "st_fcn", "st_cnn", "add_fcn", "add_cnn", "add_st_fcn", "add_2st_fcn", "st3d"}
+    assert {name for name, *_ in _family_models()} == paper <= set(MODELS.names())
+    assert set(MODELS.names()) == set(MODELS) and len(MODELS.names()) == len(MODELS)
     small = nnx.eval_shape(lambda: models.create_model("st3d", input_shape=(12, 12, 12, 1), num_classes=10,
                                                        rngs=_rngs(0), classifier="fcn", width=4, depth_reduce="max"))
     assert small.display_name == "ST3D-FCN"

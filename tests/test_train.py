@@ -1,8 +1,8 @@
 """The training loop and its command lines: training, resumption, parallelism, the NaN guard, errors.
 
-Tiny configs (the families' ``tiny`` variants, shrunk further) on the real
-MNIST files; the multi-device and multi-process runs are subprocesses, since
-JAX fixes its devices at start-up.
+Tiny configs (the families' ``tiny`` variants, shrunk further) on conftest's
+synthetic MNIST (IDX files of digit-like glyphs); the multi-device and
+multi-process runs are subprocesses, since JAX fixes its devices at start-up.
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import ROOT
+
 from configs import distorted_mnist
-from stn_jax import train as train_lib
+from stn_jax.paper import train as train_lib, train_state
+from stn_jax.paper.config import trainer_defaults
+from stn_jax.paper.models import MODELS
 
 ARG = "r,st_fcn,affine,tiny"
 
 
-def tiny_config(mnist_dir: str, arg: str = ARG, steps: int = 12, **overrides):
+def tiny_config(synthetic_mnist: str, arg: str = ARG, steps: int = 12, **overrides):
     c = distorted_mnist.get_config(arg)
-    c.data.source = mnist_dir
+    c.data.source = synthetic_mnist
     c.data.test_size = 64
     c.total_steps = steps
     c.batch_size = 16
@@ -61,10 +63,10 @@ def python(*args: str, env: dict | None = None, timeout: int = 240) -> subproces
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir):
+def trained(tmp_path_factory, synthetic_mnist):
     """One tiny run, shared by the tests that only read its workdir."""
     workdir = tmp_path_factory.mktemp("run")
-    config = tiny_config(mnist_dir, steps=40, **{"optimizer.learning_rate": 0.05, "checkpoint_every": 20,
+    config = tiny_config(synthetic_mnist, steps=40, **{"optimizer.learning_rate": 0.02, "checkpoint_every": 20,
                                                 "log_every": 10})
     result = train_lib.train_and_evaluate(config, workdir)
     return config, workdir, result
@@ -87,10 +89,10 @@ def test_tiny_run_trains_and_records_everything(trained):
     assert sorted(ocp.CheckpointManager(workdir / "checkpoints").all_steps()) == [20, 40]
 
 
-def test_evaluate_prints_the_result_line(trained, mnist_dir, tmp_path):
+def test_evaluate_prints_the_result_line(trained, synthetic_mnist, tmp_path):
     _, workdir, result = trained
     flags = [f"--config=configs/distorted_mnist.py:{ARG}", f"--workdir={workdir}",
-             f"--config.data.source={mnist_dir}", "--config.data.test_size=64", "--config.eval_batch_size=32"]
+             f"--config.data.source={synthetic_mnist}", "--config.data.test_size=64", "--config.eval_batch_size=32"]
     out = python("-m", "experiments.evaluate", *flags)
     assert out.returncode == 0, out.stderr[-3000:]
     line = out.stdout.strip().splitlines()[-1]
@@ -102,15 +104,22 @@ def test_evaluate_prints_the_result_line(trained, mnist_dir, tmp_path):
     test = train_lib.load_npz_test_set  # the reader the flag uses
     images = (np.random.default_rng(0).random((20, 28, 28)) * 255).astype(np.uint8)
     np.savez(tmp_path / "mine.npz", images=images, labels=np.full(20, 3))
-    assert test(tmp_path / "mine.npz")["image"].shape == (20, 28, 28, 1)
+    mine = test(tmp_path / "mine.npz", image_shape=(28, 28, 1), num_classes=10)
+    assert mine.arrays["image"].shape == (20, 28, 28, 1) and mine.arrays["image"].dtype == np.float32
+    assert mine.test_size == 20 and mine.test_examples(np.array([0, 19]))["label"].tolist() == [3, 3]
+    np.testing.assert_allclose(mine.test_examples(np.array([4]))["image"][0, ..., 0], images[4] / 255.0)
+    with pytest.raises(ValueError, match=r"the model expects \(42, 42, 1\)"):
+        test(tmp_path / "mine.npz", image_shape=(42, 42, 1))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        test(tmp_path / "mine.npz", num_classes=3)
     out = python("-m", "experiments.evaluate", *flags, f"--config.data.test_npz={tmp_path / 'mine.npz'}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("test_error=")
 
 
-def test_evaluate_without_a_checkpoint_says_so(tmp_path, mnist_dir):
+def test_evaluate_without_a_checkpoint_says_so(tmp_path, synthetic_mnist):
     out = python("-m", "experiments.evaluate", f"--config=configs/distorted_mnist.py:{ARG}",
-                 f"--workdir={tmp_path}", f"--config.data.source={mnist_dir}")
+                 f"--workdir={tmp_path}", f"--config.data.source={synthetic_mnist}")
     assert out.returncode != 0
     assert f"no checkpoint in {tmp_path}/checkpoints" in out.stderr and "experiments.train" in out.stderr
     assert "Traceback" not in out.stderr
@@ -132,11 +141,11 @@ class Interrupt(Exception):
     pass
 
 
-def test_killed_and_resumed_run_ends_bit_identical(tmp_path, mnist_dir, monkeypatch):
-    config = tiny_config(mnist_dir, steps=12)
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, synthetic_mnist, monkeypatch):
+    config = tiny_config(synthetic_mnist, steps=12)
     train_lib.train_and_evaluate(config, tmp_path / "straight")
 
-    make_dataset = train_lib.data_lib.make_dataset
+    make_dataset = train_state.make_dataset
 
     def dying_dataset(*args, **kwargs):  # the process dies while making step 7's batch (checkpoints: 4)
         dataset = make_dataset(*args, **kwargs)
@@ -150,7 +159,7 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, mnist_dir, monkeypa
         dataset.train_batch = batch
         return dataset
 
-    monkeypatch.setattr(train_lib.data_lib, "make_dataset", dying_dataset)
+    monkeypatch.setattr(train_state, "make_dataset", dying_dataset)
     with pytest.raises(Interrupt):
         train_lib.train_and_evaluate(config, tmp_path / "resumed")
     monkeypatch.undo()
@@ -161,8 +170,8 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, mnist_dir, monkeypa
         np.testing.assert_array_equal(a, b)
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
-    make_dataset = train_lib.data_lib.make_dataset
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_mnist, monkeypatch):
+    make_dataset = train_state.make_dataset
 
     def poisoned_dataset(*args, **kwargs):  # step 5's images hold a NaN
         dataset = make_dataset(*args, **kwargs)
@@ -178,10 +187,10 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, mnist_dir,
         dataset.train_batch = batch
         return dataset
 
-    monkeypatch.setattr(train_lib.data_lib, "make_dataset", poisoned_dataset)
+    monkeypatch.setattr(train_state, "make_dataset", poisoned_dataset)
     workdir = tmp_path / "nan"
     with pytest.raises(train_lib.NonFiniteLossError, match=r"non-finite at step 5 .*last good checkpoint is step 4"):
-        train_lib.train_and_evaluate(tiny_config(mnist_dir, steps=12), workdir)
+        train_lib.train_and_evaluate(tiny_config(synthetic_mnist, steps=12), workdir)
     assert ocp.CheckpointManager(workdir / "checkpoints").all_steps() == [4]
     assert all(np.isfinite(p).all() for p in final_params(workdir))
 
@@ -192,24 +201,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train_flags(workdir: Path, mnist_dir: str) -> list[str]:
+def _train_flags(workdir: Path, synthetic_mnist: str) -> list[str]:
     return ["-m", "experiments.train", f"--config=configs/distorted_mnist.py:{ARG}", f"--workdir={workdir}",
-            f"--config.data.source={mnist_dir}", "--config.total_steps=4", "--config.batch_size=16",
+            f"--config.data.source={synthetic_mnist}", "--config.total_steps=4", "--config.batch_size=16",
             "--config.log_every=1", "--config.data.test_size=32", "--config.eval_batch_size=32",
             "--config.checkpoint_every=4"]
 
 
-def test_four_devices_and_two_processes_match_one_device(tmp_path, mnist_dir):
+def test_four_devices_and_two_processes_match_one_device(tmp_path, synthetic_mnist):
     """Data parallelism over 4 devices and over 2 processes (gloo) gives the single-device losses."""
-    one = python(*_train_flags(tmp_path / "one", mnist_dir))
+    one = python(*_train_flags(tmp_path / "one", synthetic_mnist))
     assert one.returncode == 0, one.stderr[-3000:]
-    four = python(*_train_flags(tmp_path / "four", mnist_dir),
+    four = python(*_train_flags(tmp_path / "four", synthetic_mnist),
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert four.returncode == 0, four.stderr[-3000:]
     assert "on 4 devices" in four.stderr
 
     address = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, *_train_flags(tmp_path / "two", mnist_dir),
+    procs = [subprocess.Popen([sys.executable, *_train_flags(tmp_path / "two", synthetic_mnist),
                                f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
@@ -226,14 +235,20 @@ def test_four_devices_and_two_processes_match_one_device(tmp_path, mnist_dir):
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.optimizer.lr=0.1",
-     "unknown config key 'config.optimizer.lr'; valid keys under 'config.optimizer': decay_every, decay_factor, "
-     "learning_rate, loc_lr_multiplier, momentum, nesterov, weight_decay"),
-    ("--config.model.options.widht=8", "unknown config key 'config.model.options.widht'; valid keys under "
-                                       "'config.model.options': align_corners, bound,"),
-    ("--config=configs/distorted_mnist.py:rts,resnet", "unknown model 'resnet'; choose one of fcn, cnn, st_fcn, st_cnn"),
-    ("--config=configs/distorted_mnist.py:q,cnn", "unknown task 'q'; choose one of r, rts, p, e, tc"),
+     "unknown config key 'config.optimizer.lr'; valid keys under 'config.optimizer': "
+     + ", ".join(sorted(trainer_defaults()["optimizer"]))),
+    ("--config.model.options.widht=8", "unknown option(s) ['widht'] for model 'st_fcn'; valid options: "
+                                       "['align_corners', 'bound',"),
+    ("--config.identity_penalty=0.1",  # moved to config.objective
+     f"unknown config key 'config.identity_penalty'; valid keys: {', '.join(sorted(trainer_defaults()))}"),
+    ("--config.objective.identity_penalti=0.1", "unknown option(s) ['identity_penalti'] for objective "
+                                                "'classification'; valid options: ['identity_penalty']"),
+    ("--config=configs/distorted_mnist.py:rts,resnet",
+     f"unknown model 'resnet'; choose one of {', '.join(distorted_mnist.MODELS)}"),
+    ("--config=configs/distorted_mnist.py:q,cnn",
+     f"unknown task 'q'; choose one of {', '.join(distorted_mnist.TASKS)}"),
     ("--config=configs/distorted_mnist.py:rts,st_cnn,spline",
-     "model 'st_cnn' needs a transform; choose one of affine, projective, tps, got 'spline'"),
+     f"model 'st_cnn' needs a transform; choose one of {', '.join(MODELS.get('st_cnn').transforms)}, got 'spline'"),
 ])
 def test_bad_config_flags_list_the_choices(tmp_path, flag, message):
     config = [] if flag.startswith("--config=") else [f"--config=configs/distorted_mnist.py:{ARG}"]
@@ -243,22 +258,30 @@ def test_bad_config_flags_list_the_choices(tmp_path, flag, message):
     assert "Traceback" not in out.stderr
 
 
-def test_every_family_config_builds_its_model_and_data(mnist_dir):
-    """Each family's default and tiny configs resolve to a model and a data set (shapes only, no training)."""
+def test_every_family_config_builds_its_model_and_data(synthetic_mnist):
+    """Each family's default and tiny configs resolve to a model and a data set that fit together (shapes only).
+
+    (tests/test_architecture.py builds every variant of every config file abstractly and trains each family.)
+    """
     import importlib
 
+    import jax.numpy as jnp
     from flax import nnx
 
-    from stn_jax import data as data_lib, models
+    from stn_jax.paper import data as data_lib
+    from stn_jax.paper.config import resolve
 
     for family, arg in [("distorted_mnist", "tc,st_cnn,tps"), ("mnist_addition", "add_2st_fcn,tps,tiny"),
                         ("mnist_3d", "st3d,tiny"), ("distorted_mnist", "rts,cnn")]:
         c = importlib.import_module(f"configs.{family}").get_config(arg)
         for key in ("seed", "batch_size", "total_steps", "checkpoint_every"):
             assert key in c
-        c.data.source = mnist_dir
-        ds = data_lib.make_dataset(c.data, seed=0, global_batch_size=2)
-        model = nnx.eval_shape(lambda: models.create_model(
-            c.model.name, transform=c.model.transform or None, input_shape=ds.image_shape,
-            num_classes=ds.num_classes, rngs=nnx.Rngs(0), **c.model.options.to_dict()))
-        assert model is not None
+        c.data.source = synthetic_mnist
+        r = resolve(c)
+        assert r.model.name == arg.split(",")[0 if family != "distorted_mnist" else 1]
+        ds = data_lib.make_dataset(r.data, seed=0, global_batch_size=2)
+        model = nnx.eval_shape(lambda: train_state.create_model(r, ds.image_shape, ds.num_classes))
+        assert model.model_name == r.model.name and model.input_shape == tuple(ds.image_shape)
+        assert (model.transform or "") == r.model.transform and model.num_classes == ds.num_classes
+        logits = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2,) + ds.image_shape, jnp.float32))
+        assert logits.shape == (2, ds.num_classes)

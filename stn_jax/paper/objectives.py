@@ -11,7 +11,8 @@ A run is "model + data + objective" (``config.objective.name``). An
 * ``summarize(sums) -> dict``: the evaluation metrics from the summed
   ``eval_sums``; the key `headline` is the number a run reports
   (``experiments.evaluate`` prints ``test_<headline>=... test_loss=...``);
-* ``pictures``: whether the loop draws the transformers' inputs and outputs.
+* ``pictures``: whether the loop draws the transformers' inputs and outputs;
+* ``result_line(result)``: the line the command-line tools print.
 
 Classification (softmax cross-entropy, error rate) is the paper's objective
 for MNIST and CUB. Adding one is a subclass and a `register` call.
@@ -54,6 +55,10 @@ class Objective:
 
     def summarize(self, sums: Mapping[str, float]) -> dict[str, float]:
         raise NotImplementedError
+
+    def result_line(self, result: Mapping[str, float]) -> str:
+        """The one line `experiments.train` and `experiments.evaluate` print, e.g. ``test_error=... test_loss=...``."""
+        return f"test_{self.headline}={result[self.headline]!r} test_loss={result['loss']!r}"
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")

@@ -174,9 +174,9 @@ def prepare_workdir(workdir: str | Path) -> Path:
         raise WorkdirError(f"--workdir {path} is a file, not a directory; choose another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{socket.gethostname()}.{os.getpid()}"  # one per process: no races
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise WorkdirError(f"cannot write to --workdir {path}: {e.strerror or e}; choose a writable folder") from None
     return path

@@ -52,21 +52,30 @@ class ModelSpec:
       name: registry key (``--config.model.name``).
       build: ``build(input_shape, num_classes, transform, rngs, **options) -> PaperModel``.
       options: every option ``build`` takes, with its default (nested mappings for sub-networks).
-      transforms: the transforms it accepts (``()``: no transformer).
+      fixed_transforms: transforms it accepts by name (``()``: none, unless ``any_transform``).
       display: the paper's name; ``{t}`` becomes the transform's short name.
       tasks: the data tasks it is meant for (configs and studies pair models with these).
       paper: the paper's reported error (%) per ``(task, transform)`` ("" for no transform).
       input_ndim: spatial dimensions of its input (2 images, 3 volumes).
+      any_transform: it also accepts every transform of ``stn_jax.TRANSFORMS`` with ``input_ndim``
+        spatial dimensions, including ones registered after the model (see `transforms`).
     """
 
     name: str
     build: Callable[..., PaperModel]
     options: Mapping[str, Any]
-    transforms: tuple[str, ...]
+    fixed_transforms: tuple[str, ...]
     display: str
     tasks: tuple[str, ...]
     paper: Mapping[tuple[str, str], float] = dataclasses.field(default_factory=dict)
     input_ndim: int = 2
+    any_transform: bool = False
+
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        """The transforms it accepts now (``()``: it has no transformer)."""
+        extra = transforms_with_dims(self.input_ndim) if self.any_transform else ()
+        return self.fixed_transforms + tuple(t for t in extra if t not in self.fixed_transforms)
 
     def display_name(self, transform: str | None) -> str:
         short = transforms.get_transform(transform).short_name if transform else ""

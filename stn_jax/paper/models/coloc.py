@@ -18,9 +18,11 @@ ours (``encoder`` option: a ``configs/distorted_mnist.py:r,cnn`` workdir) or, wi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,7 @@ class Frozen(nnx.Variable):
 
 
 class ColocLocalisation(nnx.Module):
-    """conv ``channels``@``kernel_size`` stride ``stride`` (valid) > ReLU > max-pool ``pool`` > [FC > ReLU]* (paper A.2)."""
+    """conv ``channels``@``kernel_size`` stride ``stride`` (valid) > ReLU > max-pool ``pool`` > [FC > ReLU]* (A.2)."""
 
     def __init__(self, input_shape: Sequence[int], channels: int = 8, kernel_size: int = 9, stride: int = 4,
                  pool: int = 2, fc: Sequence[int] = (8, 8), *, rngs: nnx.Rngs):
@@ -77,20 +79,39 @@ class ColocLocalisation(nnx.Module):
 
 
 class ColocBound(Bound):
-    """`Bound` whose scale range need not contain 1 (the crop starts at ``init_scale``, not at the identity)."""
+    """`Bound` whose scale range need not contain 1 (the crop starts at ``init_scale``, not at the identity).
+
+    ``translation = -1`` means "inside": ``t = (1 - s) tanh(raw)``, so the crop never leaves the image.
+    """
+
+    def apply(self, raw, transform):
+        if self.translation is not None and self.translation < 0:
+            theta = dataclasses.replace(self, translation=None).apply(raw, transform)
+            room = jnp.clip(1.0 - jnp.abs(theta[..., :1]), 0.0)
+            return jnp.concatenate([theta[..., :1], room * jnp.tanh(raw[..., 1:])], -1)
+        return super().apply(raw, transform)
+
+    def inverse(self, theta, transform):
+        if self.translation is not None and self.translation < 0:
+            raw = dataclasses.replace(self, translation=None).inverse(theta, transform)
+            room = np.clip(1.0 - np.abs(raw[..., :1] * 0 + np.asarray(theta)[..., :1]), 1e-6, None)
+            raw[..., 1:] = np.arctanh(np.asarray(theta, np.float64)[..., 1:] / room)
+            return raw
+        return super().inverse(theta, transform)
 
     def check(self, transform: str) -> None:
         if self.scale is not None:
             lo, hi = self.scale
             if not 0 < lo < hi:
                 raise ValueError(f"bound 'scale' must be (low, high) with 0 < low < high, got {self.scale}")
-            object.__setattr__(self, "scale", None)  # the parent's other checks, without its low < 1 < high rule
-            try:
-                super().check(transform)
-            finally:
-                object.__setattr__(self, "scale", (lo, hi))
-        else:
-            super().check(transform)
+        if self.translation is not None and self.translation < 0:
+            if self.translation != -1:
+                raise ValueError(f"bound 'translation' must be positive, or -1 (inside the image), got "
+                                 f"{self.translation}")
+            if transform != "attention":
+                raise ValueError("bound translation -1 (inside the image) applies to the attention transform only")
+            return
+        Bound(None, self.translation, self.offset).check(transform)
 
 
 DESCRIPTOR_PARTS = ("hidden1", "hidden2", "logits")
@@ -175,6 +196,7 @@ OPTIONS: dict[str, Any] = {
     "encoder_cache": "",       # where the automatic encoder is cached; "" = $STN_JAX_CACHE or ~/.cache/stn_jax
     "encoder_task": "r",       # [U] the automatic encoder's data (R: rotated MNIST, 28x28)
     "encoder_steps": 600,      # [U] its training steps (batch 64)
+    "encoder_max_angle": -1.0,  # its rotation range in degrees; -1 = the task's (R: 90); 0 = upright MNIST
     "descriptor": "hidden1,hidden2,logits",  # [P] the two hidden layers' activations and the logits
     "output_size": 0,          # crop size; 0 = the encoder's input (28x28 for R) [U]
     "localisation": {"channels": 8, "kernel_size": 9, "stride": 4, "pool": 2, "fc": (8, 8)},  # [P] list; ~6k params
@@ -195,7 +217,9 @@ def build(input_shape, num_classes, transform, rngs: nnx.Rngs, **o) -> ColocMode
         encoder = FrozenCNN(enc_shape, None, width=_default_width(enc_shape), parts=parts)
     else:
         workdir = o["encoder"] or C.ensure_encoder(o["encoder_source"], o["encoder_cache"] or None,
-                                                   task=o["encoder_task"], steps=int(o["encoder_steps"]))
+                                                   task=o["encoder_task"], steps=int(o["encoder_steps"]),
+                                                   max_angle=None if o["encoder_max_angle"] < 0
+                                                   else float(o["encoder_max_angle"]))
         weights = C.load_encoder(workdir)
         enc_shape = weights["input_shape"]
         if enc_shape[-1] != input_shape[-1]:

@@ -36,7 +36,7 @@ from stn_jax.layers import (
     SpatialTransformer,
     count_params,
 )
-from stn_jax.paper.models import ModelSpec, PaperModel, module_params, register, solve_width, transforms_with_dims
+from stn_jax.paper.models import ModelSpec, PaperModel, module_params, register, solve_width
 from stn_jax.paper.models.classifiers import CLASSIFIERS
 
 PARAM_BUDGET = 400_000
@@ -146,7 +146,7 @@ def _register(name: str, display: str, tasks: tuple[str, ...], paper: dict, *, c
     if classifier is None:
         options["classifier"] = "cnn"
     options.update(extra or {})
-    accepted = (transforms or transforms_with_dims(input_ndim)) if num_transformers else ()
+    fixed = (transforms or ()) if num_transformers else ()
 
     def build(input_shape, num_classes, transform, rngs: nnx.Rngs, **o):
         spec_display = spec.display_name(transform).replace("{c}", str(o.get("classifier", "")).upper())
@@ -155,7 +155,8 @@ def _register(name: str, display: str, tasks: tuple[str, ...], paper: dict, *, c
         return _build(name, spec_display, input_shape=input_shape, num_classes=num_classes, transform=transform,
                       rngs=rngs, num_transformers=n, **fixed, **o)
 
-    spec = register(ModelSpec(name, build, options, accepted, display, tasks, paper, input_ndim))
+    spec = register(ModelSpec(name, build, options, fixed, display, tasks, paper, input_ndim,
+                              any_transform=bool(num_transformers) and not transforms))
 
 
 def _paper(tasks, *values, transform: str = "") -> dict:

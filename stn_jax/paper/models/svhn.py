@@ -79,7 +79,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stn_jax.layers import FCBody, Flatten, LocalisationParam, SpatialTransformer, count_params, pool
-from stn_jax.paper.models import ModelSpec, PaperModel, register, transforms_with_dims
+from stn_jax.paper.models import ModelSpec, PaperModel, register
 
 NUM_DIGITS = 5                                                  # [P] five digit classifiers
 CONV_WIDTHS = (48, 64, 128, 160, 192, 192, 192, 192)            # [S] A.5
@@ -239,13 +239,13 @@ def _register(name: str, display: str, paper: dict, st: str | None) -> None:
     options: dict[str, Any] = dict(_CNN_OPTIONS)
     if st:
         options.update(_ST_OPTIONS, localisation=dict(SINGLE_LOCALISATION if st == "single" else MULTI_LOCALISATION))
-    accepted = transforms_with_dims(2) if st else ()
+
 
     def build(input_shape, num_classes, transform, rngs: nnx.Rngs, **o):
         return _build(name, spec.display_name(transform), input_shape=input_shape, num_classes=num_classes,
                       transform=transform, rngs=rngs, st=st, **o)
 
-    spec = register(ModelSpec(name, build, options, accepted, display, TASKS, paper))
+    spec = register(ModelSpec(name, build, options, (), display, TASKS, paper, any_transform=bool(st)))
 
 
 TASKS = ("svhn", "svhn_synth")

@@ -1,0 +1,98 @@
+"""The CUB models and configs (paper Sect. 4.3, Table 3): every variant builds, the transformers start on
+distinct parts with the fixed scale, and a tiny run trains and resumes with its BatchNorm statistics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import cub as cub_config
+from stn_jax.layers import LocalisationParam, count_params
+from stn_jax.paper import models
+from stn_jax.paper.config import resolve
+from stn_jax.paper.models.cub import INITIAL_CENTRES
+
+# BN-Inception's 5-copy models take a minute to build even abstractly on 2 cores: slow.
+VARIANTS = [pytest.param(b, r, marks=[pytest.mark.slow] if b == "inception_bn" else [])
+            for b in cub_config.BACKBONES for r in cub_config.ROWS]
+
+
+@pytest.mark.parametrize("backbone,row", VARIANTS)
+def test_every_variant_resolves_and_builds(backbone, row):
+    config = resolve(cub_config.get_config(f"{backbone},{row}"))
+    name, transform, size = cub_config.ROWS[row]
+    assert (config.model.name, config.model.transform, config.data.image_size) == (name, transform, size)
+    options = dict(config.model.options.to_dict(), pretrained="")  # abstract build: no weights file needed
+    model = models.abstract_model(name, transform or None, (size, size, 3), 30, **options)
+    n = {"cub_cnn": 0, "cub_st2": 2, "cub_st4": 4}[name]
+    features = {"efficientnet_lite0": 1280, "inception_bn": 1024}[backbone]
+    # The backbone alone: 3,371,008 (Lite0) / 10,270,240 (BN-Inception) parameters without a classifier.
+    backbone_params = {"efficientnet_lite0": 3_371_008, "inception_bn": 10_270_240}[backbone]
+    head = (max(n, 1) * features + 1) * 30
+    loc = 0 if n == 0 else backbone_params + (features * 128 + 128) + (7 * 7 * 128 * 128 + 128) + (128 * 2 * n + 2 * n)
+    assert count_params(model) == (max(n, 1) * backbone_params) + head + loc
+    assert count_params(model, LocalisationParam) == loc
+
+
+@pytest.mark.slow
+def test_transformers_start_on_distinct_parts_with_the_fixed_scale():
+    model = models.create_model("cub_st4", transform="attention", input_shape=(64, 64, 3), num_classes=3,
+                                rngs=nnx.Rngs(params=0, dropout=0), crop_size=32)
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3), np.float32))
+    logits, aux = nnx.jit(lambda m, x: m(x, return_aux=True))(model, x)
+    assert logits.shape == (2, 3)
+    thetas = np.stack([np.asarray(t) for t in aux["theta"]], 1)  # (B, N, 3)
+    np.testing.assert_array_equal(thetas[..., 0], 0.5)
+    np.testing.assert_array_equal(thetas[0, :, 1:], np.asarray(INITIAL_CENTRES[4], np.float32))
+    # Crop k is the quadrant around its centre: half the side, 32 px -> 32 px (pixel-exact at this size).
+    np.testing.assert_allclose(aux["warped"][0][:, 8:24, 8:24], x[:, 8:24, 8:24], atol=1e-6)
+    np.testing.assert_allclose(aux["warped"][3][:, 8:24, 8:24], x[:, 40:56, 40:56], atol=1e-6)
+
+
+def test_bad_options_are_refused():
+    kw = dict(transform="attention", input_shape=(64, 64, 3), num_classes=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        models.abstract_model("cub_st2", "attention", (64, 64, 3), 3, backbone="resnet", crop_size=32)
+    with pytest.raises(ValueError, match="multiple of crop_size"):
+        models.create_model("cub_st2", **{**kw, "input_shape": (60, 60, 3)}, crop_size=32)
+    with pytest.raises(ValueError, match="unknown config argument|config argument must be"):
+        cub_config.get_config("efficientnet_lite0,st3_448")
+
+
+def test_missing_pretrained_file_is_one_clear_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bn_inception-52deb4733.pth"):
+        models.abstract_model("cub_cnn", None, (64, 64, 3), 3, backbone="inception_bn", pretrained="imagenet")
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_tiny_runs_train_and_resume_bit_identically_with_batch_statistics(tmp_path):
+    """configs/cub.py ``efficientnet_lite0,cnn224,tiny`` on classes 1-3 of the shared folder: 2 steps in one go
+    equal 1 step, a stop, and a resumed step (parameters and BatchNorm statistics)."""
+    from conftest import shared_path
+
+    from stn_jax.paper import train
+
+    source = shared_path("data/cub_200_2011_sample/CUB_200_2011")
+    config = cub_config.get_config("efficientnet_lite0,cnn224,tiny")
+    config.data.source = str(source)
+    config.data.cache_dir = str(tmp_path / "cache")
+    train.train_and_evaluate(config, tmp_path / "straight")
+    config.total_steps = 1
+    train.train_and_evaluate(config, tmp_path / "resumed")
+    config.total_steps = 2
+    train.train_and_evaluate(config, tmp_path / "resumed")
+
+    def final_state(workdir):
+        run = train.open_run(resolve(config), workdir)
+        return train.restore_latest(run, train.checkpoint_manager(workdir, 3, create=False), run.setup.state)
+
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    stats = jax.tree.leaves(a.model_state)
+    assert stats, "the CUB model has BatchNorm statistics"
+    for x, y in zip(jax.tree.leaves((a.params, a.model_state)), jax.tree.leaves((b.params, b.model_state))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
