@@ -13,6 +13,7 @@ run after its checkpoint is saved) are printed the same way, with exit status 1
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib.util
 import os
@@ -102,9 +103,19 @@ def _reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]
             if isinstance(e, KeyboardInterrupt):
                 print(f"interrupted: {e}", file=sys.stderr)
                 raise SystemExit(130) from None
-            raise SystemExit(f"error: {e}") from None
+            raise SystemExit(f"error: {e}{_advice(e)}") from None
 
     return wrapped
+
+
+def _advice(e: BaseException) -> str:
+    """What to do about an operating-system error, appended to its message."""
+    hints = {errno.ENOSPC: "free disk space (or use a --workdir on another disk) and rerun the same command "
+                           "to resume from the last checkpoint",
+             errno.EROFS: "choose a writable --workdir", errno.EACCES: "choose a --workdir you may write to",
+             errno.EDQUOT: "free disk space within your quota and rerun the same command to resume"}
+    hint = hints.get(getattr(e, "errno", None)) if isinstance(e, OSError) else None
+    return f"; {hint}" if hint else ""
 
 
 def run(main: Callable[[list[str]], None]) -> None:

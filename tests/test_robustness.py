@@ -517,3 +517,19 @@ def test_fault_injection_kill_and_interrupt_end_bit_identical(tmp_path, source):
             np.testing.assert_array_equal(a, b, err_msg=f"seed {seed}")
         assert train_rows(workdir) == log_steps, seed
     assert mid_training >= 2  # the faults did land inside training, not only before or after it
+
+
+def test_cli_reports_a_full_disk_in_one_line_with_what_to_do(monkeypatch, capsys):
+    """A full disk (ENOSPC) during a run ends in one line that says how to go on."""
+    import errno
+
+    from experiments import cli
+
+    def full(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "workdirs/run/checkpoints/12")
+
+    with pytest.raises(SystemExit) as stop:
+        cli._reporting(full)([])
+    message = str(stop.value.code)
+    assert message.startswith("error: [Errno 28] No space left on device") and "\n" not in message
+    assert "rerun the same command to resume" in message
