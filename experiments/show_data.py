@@ -8,7 +8,14 @@
 composite (first digit red, second green) titled ``a+b=sum``; 3-D volumes as
 two maximum-intensity projections side by side (along depth: the digit as a
 2-D transformer would see it; along height: its depth extent);
-co-localisation images with the digit's frame box (red) and ink box (green).
+co-localisation images with the digit's frame box (red) and ink box (green);
+RGB images (synthetic house numbers, CUB) in colour with their label. For real
+SVHN (``configs/svhn.py`` without ``synthetic``) it draws ``--cols`` house
+numbers of the ``--config.data.source`` folder with their digit boxes above
+their 64 px and 128 px crops:
+
+    python -m experiments.show_data --config configs/svhn.py:cnn,64 \\
+        --config.data.source=../shared/data/svhn_format1_subset --out crops.png
 """
 
 from __future__ import annotations
@@ -50,7 +57,13 @@ def sample_batch(config, split: str, step: int, count: int) -> dict:
 
 def _panel(batch: dict, i: int, task: str) -> tuple[np.ndarray, str]:
     image = np.asarray(batch["image"][i])
+    if np.ndim(batch["label"][i]):  # house numbers: five positions, 10 = no digit
+        from stn_jax.paper.data.svhn import decode_label
+
+        return image, decode_label(batch["label"][i])
     label = int(batch["label"][i])
+    if image.shape[-1] == 3:
+        return image, str(label)
     if task == "addition":
         a, b = (int(v) for v in batch["params"]["labels"][i])
         rgb = np.zeros(image.shape[:2] + (3,), np.float32)
@@ -100,11 +113,29 @@ def render(batch: dict, task: str, rows: int, cols: int, title: str, out: Path, 
     small.save(out, optimize=True)
 
 
+def real_house_numbers(source: str, out: Path, count: int) -> Path:
+    """Real SVHN images with their digit boxes above their 64 px and 128 px crops, from the first split
+    of ``source`` that is there (no cache is built)."""
+    from stn_jax.paper.data import svhn
+
+    for split in ("train", "test", "extra"):
+        try:
+            located = svhn.locate_split(source, split)
+        except svhn.SvhnSourceError:
+            continue
+        if located.kind == "folder":
+            return svhn.draw_crops(located.path, out, count=count)
+    return svhn.draw_crops(svhn.locate_split(source, "train").path, out, count=count)  # raises naming the paths
+
+
 def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = FLAGS.config
     count = FLAGS.rows * FLAGS.cols
+    if config.data.task == "svhn":
+        print(f"wrote {real_house_numbers(config.data.source, Path(FLAGS.out), FLAGS.cols)}")
+        return
     batch, dataset = sample_batch(config, FLAGS.split, FLAGS.step, count)
     p = dataset.params
     shape = "x".join(str(s) for s in dataset.image_shape)
