@@ -3,7 +3,7 @@
 Everything here is registered on import (`stn_jax.paper.models.coloc` imports
 this module, and `stn_jax.paper.models` imports that one), so configs name:
 
-* data task ``coloc_set`` (`ColocSet`): a FIXED set of ``num_images`` co-localisation
+* data task ``coloc_set`` (`ColocSet`): a FIXED set of ``test_size`` co-localisation
   images (the ``coloc`` task's images: one digit class, 84x84, T or TC) that
   training batches are drawn from and that evaluation scores (transductive, as in
   the paper: "each run ... generates 100 distorted images"). Batches carry the
@@ -25,8 +25,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +130,9 @@ class Triplet(Objective):
     without it the loss's minimum is an empty crop, docs/coloc.md).
     Eval metrics: ``localised`` (fraction with IoU > threshold), ``mean_iou``, ``loss``,
     ``scale`` (mean predicted s), ``centre_error_px`` (mean distance in pixels between the
-    crop's centre and the box's: how well the object is found whatever the box size).
+    crop's centre and the box's: how well the object is found whatever the box size) and
+    ``centred`` (a diagnostic that is told the true box's size: the fraction whose box of that
+    size at the predicted centre has IoU > threshold).
     """
 
     name = "triplet"
@@ -180,18 +183,21 @@ class Triplet(Objective):
         centre = jnp.stack([box[:, 0] + box[:, 2], box[:, 1] + box[:, 3]], -1) / 2
         size = batch["image"].shape[-2]  # pixels per 2 normalised units (square images)
         off = jnp.sqrt(jnp.sum((theta[:, 1:] - centre) ** 2, -1)) * size / 2
+        # Diagnostic, told the true box's size: a box of that size at the predicted centre.
+        half = jnp.stack([box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]], -1) / 2
+        at_centre = jnp.concatenate([theta[:, 1:] - half, theta[:, 1:] + half], -1)
+        centred = (iou(at_centre, box) > self.options["iou_threshold"]).astype(jnp.float32)
         return dict(hinge=hinge.sum(), pairs=pairs.sum(), localised=(good * mask).sum(),
                     iou=(overlap * mask).sum(), scale=(jnp.abs(theta[:, 0]) * mask).sum(),
-                    centre_error=(off * mask).sum(), count=mask.sum())
+                    centre_error=(off * mask).sum(), centred=(centred * mask).sum(), count=mask.sum())
 
     def summarize(self, sums):
         count = max(sums["count"], 1.0)
         return {"localised": sums["localised"] / count, "mean_iou": sums["iou"] / count,
                 "loss": sums["hinge"] / max(sums["pairs"], 1.0), "scale": sums["scale"] / count,
-                "centre_error_px": sums["centre_error"] / count}
+                "centre_error_px": sums["centre_error"] / count, "centred": sums["centred"] / count}
 
-    @staticmethod
-    def result_line(result: Mapping[str, float]) -> str:
+    def result_line(self, result: Mapping[str, float]) -> str:
         """What `experiments.train` / `experiments.evaluate` print for this objective."""
         return f"localised={result['localised']!r} mean_iou={result['mean_iou']!r}"
 
@@ -203,9 +209,6 @@ class Triplet(Objective):
 RAND_STREAM = 0x524E  # "RN": separates the random patches' stream from the batch indices'
 TRAIN_TAG, TEST_TAG = 0x4354, 0x4345
 
-SET_OPTIONS: dict[str, Any] = {
-    "num_images": 100,       # [P] 100 images per run; fewer if the class has fewer test digits
-}
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -217,11 +220,11 @@ def _uniforms(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 class ColocSet:
-    """``num_images`` fixed co-localisation images: the training pool and the test set (`stn_jax.paper.data` interface).
+    """``test_size`` fixed co-localisation images: the training pool and the test set (`stn_jax.paper.data` interface).
 
     The images are the ``coloc`` task's fixed test set (`MnistDataset.test_set`:
     test-split digits of ``digit_class``, from ``test_seed``, cached under
-    ``cache_dir``) cut to ``num_images``. Training batch of step ``s``: ``batch_size``
+    ``cache_dir``), ``test_size`` of them. Training batch of step ``s``: ``batch_size``
     of them without replacement (with replacement when the batch is larger than the
     set), in a random order, plus ``rand``; both from ``(seed, step)``, so a
     resumed run sees what an uninterrupted one would. The test set: all of them, in
@@ -234,9 +237,7 @@ class ColocSet:
         from stn_jax.paper.data.pipeline import MnistDataset
 
         self.params = dict(params)
-        inner = {k: v for k, v in self.params.items() if k not in SET_OPTIONS}
-        inner["task"] = "coloc"
-        inner["test_size"] = int(self.params["num_images"])
+        inner = dict(self.params, task="coloc")
         self.inner = MnistDataset(inner, MNIST_TASKS["coloc"], seed=seed, global_batch_size=global_batch_size,
                                   process_index=process_index, process_count=process_count, cache_dir=cache_dir)
         self.task = "coloc"  # the images are the coloc task's (experiments.show_data draws their boxes)
@@ -254,8 +255,7 @@ class ColocSet:
         """The fixed images with their ``rand`` for evaluation."""
         if self._set is None:
             arrays = dict(self.inner.test_set())
-            arrays["rand"] = _uniforms(_rng(self.params["test_seed"], RAND_STREAM, TEST_TAG),
-                                                 len(arrays["label"]))
+            arrays["rand"] = _uniforms(_rng(self.params["test_seed"], RAND_STREAM, TEST_TAG), len(arrays["label"]))
             self._set = arrays
         return self._set
 
@@ -299,24 +299,24 @@ class ColocSet:
         return out
 
     def __repr__(self) -> str:
-        return (f"ColocSet(num_images={self.test_size}, digit_class={self.params['digit_class']}, "
+        return (f"ColocSet(test_size={self.test_size}, digit_class={self.params['digit_class']}, "
                 f"num_clutter={self.params['num_clutter']}, local_batch_size={self.local_batch_size})")
 
 
 def _set_problems(p) -> list[str]:
     coloc = TASKS.get("coloc")
-    inner = {k: v for k, v in p.items() if k not in SET_OPTIONS}
-    problems = coloc.validate(dict(inner, test_size=max(int(p["num_images"]), 1)))
-    if p["num_images"] < 2:
-        problems.append(f"num_images must be at least 2 (the loss compares pairs), got {p['num_images']}")
+    problems = coloc.validate(dict(p, task="coloc"))
+    if not problems and p["test_size"] != -1 and p["test_size"] < 2:
+        problems.append(f"test_size (the number of images) must be at least 2: the loss compares pairs; got "
+                        f"{p['test_size']}")
     return problems
 
 
 def _register_set_task() -> None:
     coloc = TASKS.get("coloc")
-    defaults = {k: v for k, v in coloc.defaults.items() if k != "test_size"}
+    defaults = dict(coloc.defaults)
     defaults["digit_class"] = 8  # [P] one class per run (Fig. 4 shows the 8s)
-    defaults.update(SET_OPTIONS)
+    defaults["test_size"] = 100  # [P] 100 images per run (fewer if the class has fewer test digits; -1 = all)
     register_task(DataTask("coloc_set", "Co-localisation (fixed set)", defaults,
                            lambda params, **kw: ColocSet(params, **kw), _set_problems, "coloc_set"))
 
@@ -338,6 +338,7 @@ ENCODER_DEFAULTS = {
     "seed": 0,
     "test_size": 2000,
     "width": None,       # None: the cnn model's width from its 400k parameter budget (89 filters on 28x28)
+    "max_angle": None,   # None: the task's (R: 90 degrees); 0 = upright digits (plain MNIST in a 28x28 frame)
 }
 
 
@@ -354,7 +355,8 @@ def encoder_config(source: str, **overrides: Any) -> ml_collections.ConfigDict:
         "objective": {"name": "classification"},
         "model": {"name": e["model"], "transform": "",
                   "options": {} if e["width"] is None else {"width": int(e["width"])}},
-        "data": {"task": e["task"], "source": source, "test_size": int(e["test_size"])},
+        "data": {"task": e["task"], "source": source, "test_size": int(e["test_size"]),
+                 **({} if e["max_angle"] is None else {"max_angle": float(e["max_angle"])})},
     })
 
 
@@ -412,16 +414,15 @@ def load_encoder(workdir: str | os.PathLike) -> dict[str, Any]:
                                 f"config.json and checkpoints/); train one with configs/distorted_mnist.py:r,cnn, "
                                 f"or leave encoder empty to train one automatically")
     config = resolve(ml_collections.ConfigDict(json.loads(config_path.read_text())))
-    from stn_jax.paper.data import TASKS as _TASKS
     from stn_jax.paper.data.mnist_tasks import MNIST_TASKS
 
     task = MNIST_TASKS.get(config.data.task)
     if task is None:
         raise ValueError(f"model.options.encoder: {workdir} trained on {config.data.task!r}, not an MNIST task")
-    options = dict(_TASKS.get(config.data.task).defaults, **config.data.to_dict())
+    options = dict(TASKS.get(config.data.task).defaults, **config.data.to_dict())
     setup = build(config, task.image_shape(options), task.num_classes)
-    manager = ocp.CheckpointManager(workdir / "checkpoints",
-                                    options=ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False))
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=options)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"model.options.encoder: no checkpoint in {workdir / 'checkpoints'}")

@@ -141,6 +141,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from stn_jax.paper.data.files import progress, sha256_file
+
 log = logging.getLogger(__name__)
 
 TASK = "cub"
@@ -570,12 +572,7 @@ def _resize_job(job: tuple) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
 # ----------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+
 
 
 def _worker_count(num_workers: int) -> int:
@@ -603,7 +600,7 @@ def folder_fingerprint(records: CubRecords) -> dict[str, Any]:
     h = hashlib.sha256()
     for rel in records.path:
         h.update(f"{rel}:{(records.root / 'images' / rel).stat().st_size};".encode())
-    return {"kind": "folder", "annotations": {n: _sha256_file(records.root / n) for n in PER_IMAGE_FILES},
+    return {"kind": "folder", "annotations": {n: sha256_file(records.root / n) for n in PER_IMAGE_FILES},
             "images": len(records), "images_sha256": h.hexdigest()}
 
 
@@ -615,23 +612,6 @@ def cache_path(cache_dir: str | os.PathLike, options: dict[str, Any], source: di
     return Path(cache_dir).expanduser() / f"cub_{options['resize']}px_{options['resize_mode']}_{classes}_{digest}"
 
 
-class _Bar:
-    def __init__(self, total: int, desc: str):
-        try:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit="img", mininterval=2.0, smoothing=0.05)
-        except ImportError:  # pragma: no cover - tqdm is optional
-            self._bar = None
-
-    def update(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def _write_cache(path: Path, entries, total: int, arrays, meta: dict[str, Any]) -> Path:
     """Writes ``entries`` (an iterator of (bytes, (h, w), (ow, oh)) in row order, at most ``total``) and the
     per-image ``arrays`` (a dict, or a callable returning one after the pass) into a temporary folder beside
@@ -639,7 +619,7 @@ def _write_cache(path: Path, entries, total: int, arrays, meta: dict[str, Any]) 
     start = time.time()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-    bar = _Bar(total, f"CUB resize cache {path.name}")
+    bar = progress(total=total, desc=f"CUB resize cache {path.name}")
     try:
         offset = np.zeros(total, np.int64)
         shape = np.zeros((total, 2), np.int32)
@@ -659,7 +639,7 @@ def _write_cache(path: Path, entries, total: int, arrays, meta: dict[str, Any]) 
         np.savez(tmp / "arrays.npz", **arrays)
         meta = dict(meta, cache_version=CACHE_VERSION, images=count, seconds=round(time.time() - start, 1),
                     files={"pixels.bin": {"sha256": h.hexdigest(), "bytes": position},
-                           "arrays.npz": {"sha256": _sha256_file(tmp / "arrays.npz"),
+                           "arrays.npz": {"sha256": sha256_file(tmp / "arrays.npz"),
                                           "bytes": (tmp / "arrays.npz").stat().st_size}})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         os.chmod(tmp, 0o755)  # mkdtemp made it private
@@ -710,7 +690,7 @@ def load_cache(path: str | os.PathLike, *, verify: bool | None = None) -> dict[s
         if verify or (verify is None and files["pixels.bin"]["bytes"] <= VERIFY_LIMIT_BYTES):
             check.append("pixels.bin")
         for name in check:
-            digest = _sha256_file(path / name)
+            digest = sha256_file(path / name)
             if digest != files[name]["sha256"]:
                 raise ValueError(f"{name} has SHA-256 {digest}, meta.json records {files[name]['sha256']}")
         with np.load(path / "arrays.npz") as f:

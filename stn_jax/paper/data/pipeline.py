@@ -41,8 +41,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ import numpy as np
 
 from stn_jax import use_cpu_sampler
 from stn_jax.paper.data import distortions as D
+from stn_jax.paper.data.files import array_digest, atomic_write
 from stn_jax.paper.data.mnist import load_mnist
 from stn_jax.paper.data.mnist_tasks import MNIST_TASKS, NO_CONTENT, MnistTask
 
@@ -95,16 +95,6 @@ def _load_split(source: str, split: str, data_dir: str, manual_dir: str) -> tupl
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
-
-
-def _digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the arrays' names, dtypes, shapes and bytes (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=32)
@@ -294,7 +284,7 @@ class MnistDataset:
         """Short hash of everything that determines the test set (options, seed, size, source digits, version)."""
         images, labels = self.source_arrays("test")
         content = {k: v for k, v in self.params.items() if k not in NO_CONTENT}
-        content.update(version=GENERATOR_VERSION, source=_digest({"images": images, "labels": labels}),
+        content.update(version=GENERATOR_VERSION, source=array_digest({"images": images, "labels": labels}),
                        subset="balanced" if len(labels) > self._test_size() else "all")
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -318,7 +308,7 @@ class MnistDataset:
             arrays = self._read_cache(path)
         else:
             arrays = self.generate_test_set()
-            self.test_checksum = _digest(arrays)
+            self.test_checksum = array_digest(arrays)
             if path is not None:
                 self._write_cache(path, arrays)
         log.info("test set %s: %d examples, sha256 %s%s", self.task, len(arrays["label"]), self.test_checksum,
@@ -338,7 +328,7 @@ class MnistDataset:
         except (OSError, ValueError, KeyError) as e:
             raise RuntimeError(f"cached test set {path} (or {meta_path}) is unreadable ({e}); delete both "
                                f"files to regenerate it") from e
-        digest = _digest(arrays)
+        digest = array_digest(arrays)
         if digest != meta.get("sha256"):
             raise RuntimeError(f"cached test set {path} has SHA-256 {digest} but {meta_path} records "
                                f"{meta.get('sha256')}: the file was changed or is corrupt; delete both files "
@@ -352,16 +342,8 @@ class MnistDataset:
                 "generator_version": GENERATOR_VERSION,
                 "params": {k: v for k, v in self.params.items() if k not in NO_CONTENT}}
         # Write to temporary files, then rename: concurrent processes never see a partial file.
-        for target, write in ((path, lambda f: np.savez_compressed(f, **arrays)),
-                              (self._meta_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))):
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=target.name, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    write(f)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+        atomic_write(self._meta_path(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
     @property
     def test_size(self) -> int:

@@ -112,13 +112,15 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 import numpy as np
+
+from stn_jax.paper.data.files import array_digest, atomic_write, progress, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +384,7 @@ def read_digit_struct_mat(data: bytes | str | os.PathLike, name: str | None = No
             raise corrupt(e) from None
         entries: Iterable[int] = range(len(names))
         if progress and len(names) > 1000:
-            entries = _progress(entries, total=len(names), desc=f"reading {Path(name).name}")
+            entries = progress(entries, total=len(names), desc=f"reading {Path(name).name}")
         for i in entries:
             try:
                 chars = _h5_read(h5py.h5r.dereference(names[i], f.id), np.uint16).ravel()
@@ -616,41 +618,6 @@ def _crop_job(job: tuple) -> np.ndarray:
 # ----------------------------------------------------------------------------
 
 
-def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, unit="img", mininterval=2.0, smoothing=0.05)
-
-
-class _Bar:
-    """A tqdm progress bar (a no-op without tqdm)."""
-
-    def __init__(self, total: int, desc: str):
-        try:
-            from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=desc, unit="img", mininterval=2.0, smoothing=0.05)
-        except ImportError:  # pragma: no cover - tqdm is optional
-            self._bar = None
-
-    def update(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def source_listing(src: SplitSource) -> dict[str, Any]:
     """What identifies a split's content cheaply: the annotation's SHA-256 and every PNG's name and size
     (a folder), or the archive's name, size and the SHA-256 of its first and last MiB."""
@@ -670,7 +637,7 @@ def source_listing(src: SplitSource) -> dict[str, Any]:
     for name, size in entries:
         h.update(f"{name}:{size};".encode())
         count += 1
-    return {"kind": "folder", "annotation": src.annotation.name, "annotation_sha256": _sha256_file(src.annotation),
+    return {"kind": "folder", "annotation": src.annotation.name, "annotation_sha256": sha256_file(src.annotation),
             "images": count, "images_sha256": h.hexdigest()}
 
 
@@ -720,7 +687,7 @@ def _worker_count(num_workers: int) -> int:
 def _crops(jobs: Iterator[tuple], total: int, num_workers: int, desc: str) -> Iterator[np.ndarray]:
     """Crops of ``jobs`` in order: in-process, or in ``num_workers`` spawned processes, blocks of 1024
     (so a stream of PNG bytes from an archive is never all in memory)."""
-    bar = _Bar(total, desc)
+    bar = progress(total=total, desc=desc)
     workers = _worker_count(num_workers)
     try:
         if workers <= 1:
@@ -831,7 +798,7 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
         del image
         for name, array in (("label", label), ("length", length), ("box", box), ("filename", filename)):
             np.save(tmp / f"{name}.npy", array)
-        files = {name: {"sha256": _sha256_file(tmp / f"{name}.npy"), "bytes": (tmp / f"{name}.npy").stat().st_size}
+        files = {name: {"sha256": sha256_file(tmp / f"{name}.npy"), "bytes": (tmp / f"{name}.npy").stat().st_size}
                  for name in ARRAYS}
         meta = {"cache_version": CACHE_VERSION, "task": "svhn",
                 "options": cache_options(src.split, size, framing, allow_missing_images),
@@ -873,7 +840,7 @@ def load_cache(path: str | os.PathLike, *, verify: bool | None = None) -> SvhnAr
             verify = total <= VERIFY_LIMIT_BYTES
         if verify:
             for name in ARRAYS:
-                digest = _sha256_file(path / f"{name}.npy")
+                digest = sha256_file(path / f"{name}.npy")
                 if digest != files[name]["sha256"]:
                     raise ValueError(f"{name}.npy has SHA-256 {digest}, meta.json records {files[name]['sha256']}")
         else:
@@ -1369,7 +1336,7 @@ class SvhnSynthDataset(_Base):
                 except (OSError, ValueError, KeyError) as e:
                     raise SvhnFormatError(f"cached synthetic test set {path} is unreadable ({e}); delete it and "
                                           f"{meta_path} to regenerate") from None
-                digest = _digest(arrays)
+                digest = array_digest(arrays)
                 if digest != recorded:
                     raise SvhnFormatError(f"cached synthetic test set {path} has SHA-256 {digest} but {meta_path} "
                                           f"records {recorded}; delete both files to regenerate it")
@@ -1378,11 +1345,11 @@ class SvhnSynthDataset(_Base):
                 arrays = {"image": np.stack([e["image"] for e in examples]),
                           "label": np.stack([e["label"] for e in examples]).astype(np.int32),
                           "length": np.asarray([e["length"] for e in examples], np.int32)}
-                digest = _digest(arrays)
+                digest = array_digest(arrays)
                 meta = {"sha256": digest, "task": self.task, "examples": self.test_size, "version": SYNTH_VERSION,
                         "params": {k: v for k, v in self.params.items() if k != "cache_dir"}}
-                _atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
-                _atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
+                atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+                atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta, indent=1).encode()))
             self.test_checksum = digest
             log.info("svhn_synth test set: %d examples, sha256 %s (%s)", len(arrays["label"]), digest, path)
             self._test_cache = arrays
@@ -1409,28 +1376,6 @@ class SvhnSynthDataset(_Base):
         return self._float([self._make(_entropy(VALID_STREAM, self.params["test_seed"], int(i)), "train")
                             for i in indices]) if indices.size else {
             k: np.zeros((0,) + tuple(v.shape), v.dtype) for k, v in self.element_spec.items()}
-
-
-def _digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the arrays' names, dtypes, shapes and bytes (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _atomic_write(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_dataset(config_data, *, seed: int, global_batch_size: int, process_index: int = 0,

@@ -1,0 +1,305 @@
+"""Co-localisation (paper Appendix A.2): the triplet loss, IoU, the fixed image set, the frozen encoder, a tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from stn_jax.layers import LocalisationParam
+from stn_jax.paper import coloc as C, models
+from stn_jax.paper.data import make_dataset
+from stn_jax.paper.models.coloc import Frozen, FrozenCNN
+from stn_jax.paper.objectives import create_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cheap_compilation():
+    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _config_module():
+    spec = importlib.util.spec_from_file_location("_cfg_coloc", ROOT / "configs" / "colocalisation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------
+# Loss and IoU against hand-computed values.
+# ----------------------------------------------------------------------------
+
+DESC_T = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
+DESC_RAND = np.array([[0.0, 1.0], [1.0, 1.5], [0.0, 0.0]], np.float32)
+
+
+def _hand_hinge(alpha: float) -> tuple[float, int]:
+    """sum_n sum_{m != n} max(0, |t_n - t_m|^2 - |t_n - r_n|^2 + alpha), written out for the 3 images above."""
+    # |t_n - r_n|^2: n=0: 1; n=1: 2.25; n=2: 4.  |t_n - t_m|^2: (0,1)=1, (0,2)=4, (1,2)=1+4=5.
+    terms = [1 - 1, 4 - 1,        # n=0, m=1,2
+             1 - 2.25, 5 - 2.25,  # n=1, m=0,2
+             4 - 4, 5 - 4]        # n=2, m=0,1
+    return sum(max(0.0, t + alpha) for t in terms), 6
+
+
+def test_triplet_terms_hand_computed():
+    for alpha in (1.0, 0.5):
+        hinge, pairs = C.triplet_terms(jnp.asarray(DESC_T), jnp.asarray(DESC_RAND), alpha)
+        want, count = _hand_hinge(alpha)
+        np.testing.assert_allclose(float(hinge.sum()), want, rtol=1e-6)
+        assert float(pairs.sum()) == count
+    # alpha = 1 by hand: n=0: 1 + 4; n=1: 0 + 3.75; n=2: 1 + 2 -> 11.75
+    hinge, _ = C.triplet_terms(jnp.asarray(DESC_T), jnp.asarray(DESC_RAND), 1.0)
+    np.testing.assert_allclose(np.asarray(hinge), [5.0, 3.75, 3.0], rtol=1e-6)
+    # One rolled partner: (0,1), (1,2), (2,0): 1-1+1=1, 5-2.25+1=3.75, 4-4+1=1.
+    hinge, pairs = C.triplet_terms(jnp.asarray(DESC_T), jnp.asarray(DESC_RAND), 1.0, num_pairs=1)
+    np.testing.assert_allclose(np.asarray(hinge), [1.0, 3.75, 1.0], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pairs), [1, 1, 1])
+    # A masked-out image (weight 0) drops every pair it is in: only (0,1) and (1,0) remain.
+    hinge, pairs = C.triplet_terms(jnp.asarray(DESC_T), jnp.asarray(DESC_RAND), 1.0, weights=jnp.array([1., 1., 0.]))
+    np.testing.assert_allclose(float(hinge.sum()), 1.0 + 0.0, rtol=1e-6)
+    assert float(pairs.sum()) == 2
+
+
+def test_iou_and_boxes_hand_computed():
+    a = jnp.array([0.0, 0.0, 2.0, 2.0])
+    np.testing.assert_allclose(float(C.iou(a, jnp.array([1.0, 1.0, 3.0, 3.0]))), 1 / 7, rtol=1e-6)
+    np.testing.assert_allclose(float(C.iou(a, a)), 1.0)
+    assert float(C.iou(a, jnp.array([2.0, 0.0, 3.0, 1.0]))) == 0.0  # touching: no overlap
+    np.testing.assert_allclose(float(C.iou(a, jnp.array([0.0, 0.0, 1.0, 2.0]))), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(C.theta_to_box(jnp.array([0.5, 0.1, -0.2]))), [-0.4, -0.7, 0.6, 0.3],
+                               rtol=1e-6)
+    # The digit frame of a 28x28 digit with top-left pixel (10, 20) in 84x84 (data.distortions.colocalisation).
+    frame = (2 * np.array([10 - 0.5, 20 - 0.5, 38 - 0.5, 48 - 0.5]) + 1) / 84 - 1
+    s, tx, ty = 28 / 84, (frame[0] + frame[2]) / 2, (frame[1] + frame[3]) / 2
+    np.testing.assert_allclose(np.asarray(C.theta_to_box(jnp.array([s, tx, ty]))), frame, atol=1e-6)
+    # The identity (whole image) against a third-of-the-side box: IoU 1/9 (svhn-cub-coloc-notes: 0.11).
+    np.testing.assert_allclose(float(C.iou(C.theta_to_box(jnp.array([1.0, 0.0, 0.0])), jnp.asarray(frame))), 1 / 9,
+                               rtol=1e-5)
+
+
+class _StubModel:
+    """Returns fixed descriptors and attention parameters: the objective's arithmetic alone."""
+
+    def __call__(self, x, return_aux=False):
+        theta = jnp.array([[1 / 3, 0.0, 0.0], [1 / 3, 0.5, 0.5], [0.2, -0.5, -0.5]])
+        return jnp.asarray(DESC_T), {"theta": [theta], "warped": [x], "identity_penalty": jnp.zeros(())}
+
+    def describe_patches(self, x, theta):
+        return jnp.asarray(DESC_RAND)
+
+
+def test_triplet_objective_with_stub_model():
+    obj = create_objective({"name": "triplet", "normalize": False})
+    assert obj.headline == "localised" and obj.options["alpha"] == 1.0
+    third = 1 / 3
+    batch = {"image": jnp.zeros((3, 4, 4, 1)), "rand": jnp.zeros((3, 3)), "label": jnp.zeros(3, jnp.int32),
+             "box": jnp.array([[-third, -third, third, third], [0.5 - third, 0.5 - third, 0.5 + third, 0.5 + third],
+                               [0.0, 0.0, 0.5, 0.5]]),
+             "ink_box": jnp.zeros((3, 4)), "mask": jnp.array([1.0, 1.0, 1.0])}
+    loss, metrics = obj.loss(_StubModel(), batch)
+    np.testing.assert_allclose(float(loss), 11.75 / 6, rtol=1e-6)
+    # Images 0 and 1: exact boxes; image 2: disjoint.
+    np.testing.assert_allclose(float(metrics["localised"]), 2 / 3, rtol=1e-6)
+    sums = jax.tree.map(float, obj.eval_sums(_StubModel(), batch))
+    result = obj.summarize(sums)
+    assert list(result)[0] == "localised"
+    np.testing.assert_allclose(result["localised"], 2 / 3, rtol=1e-6)
+    np.testing.assert_allclose(result["mean_iou"], 2 / 3, rtol=1e-6)
+    np.testing.assert_allclose(result["loss"], 11.75 / 6, rtol=1e-6)
+    # Centre error in pixels (4-pixel-wide images: 2 pixels per normalised unit): image 2 is off by
+    # (0.75, 0.75); `centred` (a true-size box at the predicted centre) holds for images 0 and 1.
+    np.testing.assert_allclose(result["centre_error_px"], np.hypot(0.75, 0.75) * 2 / 3, rtol=1e-5)
+    np.testing.assert_allclose(result["centred"], 2 / 3, rtol=1e-6)
+    assert obj.result_line(result).startswith("localised=0.666") and " mean_iou=0.666" in obj.result_line(result)
+    with pytest.raises(ValueError, match="unknown option"):
+        create_objective({"name": "triplet", "margin": 1.0})
+    with pytest.raises(ValueError, match="patch_scale"):
+        create_objective({"name": "triplet", "patch_scale": "big"})
+    # normalize: descriptors scaled to unit length first (a scaled copy of DESC_T gives the same loss).
+    unit = create_objective({"name": "triplet", "normalize": True})
+
+    class Scaled(_StubModel):
+        def __call__(self, x, return_aux=False):
+            d, aux = super().__call__(x, True)
+            return d * 7.0, aux
+
+    a, _ = unit.loss(_StubModel(), batch)
+    b, _ = unit.loss(Scaled(), batch)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
+
+
+def test_patch_theta_hand_computed():
+    u = jnp.array([[0.3, 0.0, 0.5], [0.9, 0.75, 1.0], [0.1, 0.2, 0.2]])
+    theta = C.patch_theta(u, jnp.array([0.5, 0.25, 1.5]))
+    # t = (2u - 1)(1 - s): the patch stays inside the image; s >= 1 is centred.
+    np.testing.assert_allclose(np.asarray(theta), [[0.5, -0.5, 0.0], [0.25, 0.375, 0.75], [1.5, 0.0, 0.0]],
+                               atol=1e-6)
+    box = C.theta_to_box(theta[:2])
+    assert (np.asarray(box) >= -1 - 1e-6).all() and (np.asarray(box) <= 1 + 1e-6).all()
+
+
+# ----------------------------------------------------------------------------
+# The fixed image set.
+# ----------------------------------------------------------------------------
+
+
+def test_fixed_image_set(synthetic_mnist, tmp_path):
+    data = {"task": "coloc_set", "source": synthetic_mnist, "digit_class": 3, "test_size": 8}
+    ds = make_dataset(data, seed=1, global_batch_size=6, cache_dir=str(tmp_path))
+    images = ds.test_set()
+    assert ds.test_size == len(images["label"]) == 8 and (images["label"] == 3).all()
+    assert images["image"].shape == (8, 84, 84, 1) and images["rand"].shape == (8, 3)
+    a, b = ds.train_batch(5, with_params=True), ds.train_batch(5, with_params=True)
+    for k in a:
+        if k != "params":
+            np.testing.assert_array_equal(a[k], b[k])  # a function of (seed, step)
+    idx = a["params"]["index"]
+    assert len(set(idx.tolist())) == 6  # without replacement
+    np.testing.assert_array_equal(a["image"], images["image"][idx])  # training images are the set's
+    np.testing.assert_array_equal(a["box"], images["box"][idx])
+    assert not np.array_equal(ds.train_batch(6)["rand"], a["rand"])
+    assert (a["rand"] >= 0).all() and (a["rand"] < 1).all()
+    # Two processes' shards concatenate to the global batch.
+    shards = [make_dataset(data, seed=1, global_batch_size=6, process_index=p, process_count=2,
+                           cache_dir=str(tmp_path)).train_batch(5) for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate([s["image"] for s in shards]), a["image"])
+    with pytest.raises(ValueError, match="must be at least 2"):
+        make_dataset(dict(data, test_size=1), seed=0, global_batch_size=2)
+
+
+def test_config_arguments():
+    cfg = _config_module()
+    c = cfg.get_config("tc,3")
+    assert c.data.num_clutter == 16 and c.data.digit_class == 3 and c.objective.name == "triplet"
+    assert cfg.get_config("t").data.digit_class == 8 and cfg.get_config("t").data.num_clutter == 0
+    assert cfg.get_config("t,tiny").total_steps < 100
+    c.data.source = "/some/mnist"  # what --config.data.source=... does: the automatic encoder follows
+    assert c.model.options.encoder_source == "/some/mnist"
+    assert c.to_dict()["model"]["options"]["encoder_source"] == "/some/mnist"
+    for bad in ("x", "t,11", "t,3,4"):
+        with pytest.raises(ValueError):
+            cfg.get_config(bad)
+
+
+# ----------------------------------------------------------------------------
+# Encoder, model, a tiny run through the one training loop.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder_run(synthetic_mnist, tmp_path_factory) -> Path:
+    """A tiny distorted-MNIST CNN run (width 4, 3 steps): the automatic encoder path, cached."""
+    cache = tmp_path_factory.mktemp("coloc_cache")
+    first = C.ensure_encoder(synthetic_mnist, cache, steps=3, batch_size=8, width=4, test_size=32)
+    assert first.parent == cache and first.name.startswith("coloc_encoder_")
+    return first
+
+
+def test_encoder_cached_and_loaded(encoder_run, synthetic_mnist, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        again = C.ensure_encoder(synthetic_mnist, encoder_run.parent, steps=3, batch_size=8, width=4, test_size=32)
+    assert again == encoder_run and "using the cached run" in caplog.text
+    w = C.load_encoder(encoder_run)
+    assert w["input_shape"] == (28, 28, 1) and w["conv1"][0].shape == (9, 9, 1, 4) and w["step"] == 3
+    # The frozen encoder computes the classifier's logits exactly, and its descriptor holds both hidden layers.
+    from stn_jax.paper.config import resolve
+    from stn_jax.paper.train_state import build
+
+    config = resolve(ml_collections.ConfigDict(json.loads((encoder_run / "config.json").read_text())))
+    setup = build(config, (28, 28, 1), 10)
+    manager = ocp.CheckpointManager(encoder_run / "checkpoints")
+    state = manager.restore(3, args=ocp.args.StandardRestore(setup.state))
+    cnn = setup.merge(state.params, state.model_state, train=False)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 28, 28, 1)), jnp.float32)
+    enc = FrozenCNN((28, 28, 1), w)
+    np.testing.assert_allclose(np.asarray(enc.logits(x)), np.asarray(cnn(x)), rtol=1e-5, atol=1e-5)
+    assert enc(x).shape == (2, 10 * 10 * 4 + 2 * 2 * 4 + 10)
+    with pytest.raises(FileNotFoundError, match="not a training run"):
+        C.load_encoder(encoder_run / "nothing")
+
+
+def _tiny_config(source: str, encoder: Path, steps: int) -> ml_collections.ConfigDict:
+    c = _config_module().get_config("t,3,tiny")
+    c.data.source = source
+    c.data.test_size = 8
+    c.batch_size = c.eval_batch_size = 8
+    c.total_steps = steps
+    c.log_every = c.eval_every = c.checkpoint_every = 2
+    c.model.options.encoder = str(encoder)
+    return c
+
+
+def _frozen(state) -> list[np.ndarray]:
+    leaves = jax.tree.leaves(state.model_state)
+    return [np.asarray(x) for x in leaves]
+
+
+def test_tiny_run_encoder_frozen_and_resume(encoder_run, synthetic_mnist, tmp_path):
+    from stn_jax.paper import train
+    from stn_jax.paper.train_state import setup
+
+    workdir = tmp_path / "run"
+    config = _tiny_config(synthetic_mnist, encoder_run, 4)
+    result = train.train_and_evaluate(config, workdir)
+    assert set(result) >= {"localised", "mean_iou", "loss"} and list(result)[0] == "localised"
+    assert 0.0 <= result["localised"] <= 1.0 and np.isfinite(result["loss"])
+    # The encoder is not trained: the checkpoint's model_state is bit-identical to the loaded weights,
+    # and the optimiser's groups hold no encoder weight; the localisation network did move.
+    s = setup(train.resolve(config), cache_dir=str(workdir / "data"))
+    frozen_vars = nnx.state(s.merge(s.state.params, s.state.model_state, train=False), Frozen)
+    assert len(jax.tree.leaves(frozen_vars)) == 6 and not jax.tree.leaves(s.state.params["main"])
+    run = train.open_run(train.resolve(config), workdir)
+    manager = train.checkpoint_manager(workdir, 3, create=False)
+    state = train.restore_latest(run, manager, run.setup.state)
+    assert int(state.step) == 4
+    for a, b in zip(_frozen(s.state), _frozen(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    w = C.load_encoder(encoder_run)
+    np.testing.assert_array_equal(np.asarray(frozen_vars["layers"][1]["conv1_kernel"].get_value()), w["conv1"][0])
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s.state.params["loc"]),
+                                                       jax.tree.leaves(state.params["loc"]))]
+    assert any(moved)
+    assert (workdir / "images").is_dir() and any((workdir / "images").iterdir())
+    # Resume: a longer run in the same workdir continues from step 4 (the loop's resumption).
+    longer = train.train_and_evaluate(_tiny_config(synthetic_mnist, encoder_run, 6), workdir)
+    assert set(longer) == set(result)
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 6
+    # Evaluation of the saved run: the same numbers as the loop's final evaluation.
+    again = train.evaluate_checkpoint(_tiny_config(synthetic_mnist, encoder_run, 6), workdir)
+    np.testing.assert_allclose(again["localised"], longer["localised"])
+    np.testing.assert_allclose(again["loss"], longer["loss"], rtol=1e-5)
+
+
+def test_model_options_and_parameter_count(encoder_run):
+    m = models.create_model("coloc_st", input_shape=(84, 84, 1), num_classes=10, rngs=nnx.Rngs(0),
+                            encoder=str(encoder_run), init_scale=0.4)
+    assert m.transform == "attention"
+    x = jnp.zeros((2, 84, 84, 1))
+    desc, aux = m(x, return_aux=True)
+    np.testing.assert_allclose(np.asarray(aux["theta"][0]), [[0.4, 0, 0]] * 2, atol=1e-6)  # the initial crop
+    assert aux["warped"][0].shape == (2, 28, 28, 1) and desc.shape == (2, 426)
+    # Trainable: the localisation network only (the paper's list of layers: about 6k parameters).
+    n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert n_train == sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, LocalisationParam))) == 5947
+    abstract = models.abstract_model("coloc_st", "attention", (84, 84, 1), 10)  # shapes only: no encoder needed
+    assert "shapes only" in abstract.summary
+    with pytest.raises(ValueError, match="output_size"):
+        models.create_model("coloc_st", input_shape=(84, 84, 1), num_classes=10, rngs=nnx.Rngs(0),
+                            encoder=str(encoder_run), output_size=20)
