@@ -234,6 +234,15 @@ def test_docs_table_is_current():
         assert f"| {registry} |" in generated
 
 
+@pytest.mark.slow
+def test_large_docs_table_is_current():
+    """The SVHN and CUB block of docs/models.md is what `model_tables --large` prints (slow: CUB's backbones)."""
+    block = f"{model_tables.LARGE_BEGIN}\n\n{model_tables.large_table()}\n\n{model_tables.END}"
+    assert block in DOCS.read_text(), \
+        "docs/models.md is out of date: run `python -m experiments.model_tables --large --write docs/models.md`"
+    assert "| CNN | `svhn_cnn` | 64x64x3 | 23,380,695 | 0 |" in block  # the A.5 layer list, counted by hand
+
+
 def test_rts_shape_arithmetic():
     assert CNNClassifier.feature_shape((21, 21, 1), 4) == (1, 1, 4)  # 21 -> 13 -> 7 -> 1 -> 1 (ceil)
     assert CNNClassifier.feature_shape((28, 28, 1), 4) == (2, 2, 4)
