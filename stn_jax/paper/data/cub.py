@@ -141,7 +141,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from stn_jax.paper.data.files import progress, sha256_file
+from stn_jax.paper.data.files import progress, publish_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -642,14 +642,7 @@ def _write_cache(path: Path, entries, total: int, arrays, meta: dict[str, Any]) 
                            "arrays.npz": {"sha256": sha256_file(tmp / "arrays.npz"),
                                           "bytes": (tmp / "arrays.npz").stat().st_size}})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "meta.json").is_file():
-                raise
-            log.info("another process built %s meanwhile; using it", path)
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import IO
 
 import numpy as np
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path) -> str:
@@ -48,3 +52,16 @@ def atomic_write(target: Path, write: Callable[[IO[bytes]], object]) -> None:
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "") -> tqdm:
     """A progress bar over images (``update()`` it, or iterate it), refreshed at most every 2 s."""
     return tqdm(iterable, total=total, desc=desc, unit="img", mininterval=2.0, smoothing=0.05)
+
+
+def publish_folder(tmp: Path, path: Path) -> None:
+    """Renames a completed cache folder ``tmp`` to ``path``; if another process published ``path`` first
+    (its ``meta.json`` is there), keeps that one and removes ``tmp``."""
+    os.chmod(tmp, 0o755)  # mkdtemp made it private
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+        log.info("another process built %s meanwhile; using it", path)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -120,7 +120,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from stn_jax.paper.data.files import array_digest, atomic_write, progress, sha256_file
+from stn_jax.paper.data.files import array_digest, atomic_write, progress, publish_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -807,14 +807,7 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
                            "skipped_empty": len(empty), "skipped_missing_image": len(missing)},
                 "skipped_too_long": too_long, "files": files, "seconds": round(time.time() - start, 1)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "meta.json").is_file():
-                raise
-            log.info("another process built %s meanwhile; using it", path)
-            shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
