@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from stn_jax.paper import train  # noqa: E402
 from stn_jax.paper.config import resolve  # noqa: E402
-from stn_jax.paper.data import TASKS  # noqa: E402
+from stn_jax.paper.data import TASKS, cub, svhn  # noqa: E402
 from stn_jax.paper.train_state import build  # noqa: E402
 
 
@@ -73,14 +73,14 @@ def step_fn(spec: str, batch: int, overrides: list[str]):
     config = load_config(spec, overrides)
     config.batch_size = batch
     config = resolve(config)
-    # The data set's shapes without reading data: make it only if it is cheap, else from the task's options.
+    # The data set's shapes without reading any data, from the task's options and the modules' constants.
     task = TASKS.get(config.data.task)
     size = config.data.get("image_size")
     if task.family in ("svhn", "cub"):
         shape = (size, size, 3)
-        num_classes = 11 if task.family == "svhn" else 200
+        num_classes = svhn.NUM_CLASSES if task.family == "svhn" else cub.NUM_CLASSES_ALL
         element = {"image": jax.ShapeDtypeStruct(shape, np.float32),
-                   "label": jax.ShapeDtypeStruct((5,) if task.family == "svhn" else (), np.int32)}
+                   "label": jax.ShapeDtypeStruct((svhn.MAX_DIGITS,) if task.family == "svhn" else (), np.int32)}
     else:
         from stn_jax.paper.data.mnist_tasks import MNIST_TASKS
 

@@ -6,7 +6,7 @@
         --config.data.source=/path/to/svhn
     python -m experiments.train --config configs/svhn.py:st_single,64,synthetic --workdir workdirs/synth64 \\
         --config.data.source=../shared/data/mnist   # offline stand-in: numbers composed from MNIST digits
-    python -m experiments.train --config configs/svhn.py:st_single,64,tiny --workdir /tmp/svhn_tiny \\
+    python -m experiments.train --config configs/svhn.py:st_single,64,tiny --workdir workdirs/svhn_tiny \\
         --config.data.source=../shared/data/mnist   # a check of the set-up end to end
 
 * model: ``cnn`` (``svhn_cnn``), ``st_single`` (``svhn_st_single``, affine),

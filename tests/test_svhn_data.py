@@ -345,7 +345,7 @@ def test_train_batches_are_pure_and_shard(source, tmp_path):
 def test_bad_options(source, tmp_path):
     with pytest.raises(ValueError, match="train_splits"):
         svhn.SvhnDataset(config(source=str(source), train_splits="train,valid"), seed=0, global_batch_size=2)
-    with pytest.raises(ValueError, match="does not apply"):
+    with pytest.raises(ValueError, match="test_seed is not an option of data task 'svhn'"):
         svhn.SvhnDataset(config(source=str(source), test_seed=1), seed=0, global_batch_size=2)
     ds = svhn.SvhnDataset(config(source=str(source), validation_size=100), seed=0, global_batch_size=2,
                           cache_dir=tmp_path / "c")

@@ -309,6 +309,27 @@ def restore_latest(run: Run, checkpoints: ocp.CheckpointManager, state: TrainSta
     return jax.device_put(state, run.replicated)
 
 
+def set_aside_unrestorable(checkpoints: ocp.CheckpointManager, restored: int, workdir: Path, lead: bool,
+                           keep: int) -> ocp.CheckpointManager:
+    """Moves checkpoints newer than the restored step (they did not restore) to ``unrestorable_checkpoints/``,
+    so that training can write those steps again; returns the manager to use from now on."""
+    newer = [s for s in checkpoints.all_steps() if s > restored]
+    if not newer:
+        return checkpoints
+    aside = workdir / "unrestorable_checkpoints"
+    if lead:
+        aside.mkdir(exist_ok=True)
+        for s in newer:
+            target = aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+            Path(checkpoints.directory, str(s)).rename(target)
+            log.warning("moved the unrestorable checkpoint %d to %s; it will be written again", s, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("stn_jax: unrestorable checkpoints moved")
+    return checkpoint_manager(workdir, keep)
+
+
 def evaluate(run: Run, state: TrainState, dataset=None) -> dict[str, float]:
     """The objective's metrics over a whole test set (default the run's); each process feeds its share.
 
@@ -408,19 +429,7 @@ def _train(run: Run, workdir: Path, lead: bool) -> dict[str, float]:
     checkpoints = checkpoint_manager(workdir, config.keep_checkpoints)
     state = restore_latest(run, checkpoints, run.setup.state)
     start = int(jax.device_get(state.step))
-    newer = [s for s in checkpoints.all_steps() if s > start]  # unrestorable: they would block the saves
-    if newer:
-        aside = workdir / "unrestorable_checkpoints"
-        if lead:
-            aside.mkdir(exist_ok=True)
-            for s in newer:
-                target = aside / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
-                Path(checkpoints.directory, str(s)).rename(target)
-                log.warning("moved the unrestorable checkpoint %d to %s; it will be written again", s, target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("stn_jax: unrestorable checkpoints moved")
-        checkpoints = checkpoint_manager(workdir, config.keep_checkpoints)
+    checkpoints = set_aside_unrestorable(checkpoints, start, workdir, lead, config.keep_checkpoints)
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
     train_step = jax.jit(make_train_step(run.setup), donate_argnums=0,
                          out_shardings=(run.replicated, run.replicated))

@@ -142,6 +142,7 @@ import ml_collections
 import numpy as np
 
 from stn_jax.paper.data.files import progress, publish_folder, sha256_file
+from stn_jax.paper.data.tasks import resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -274,22 +275,6 @@ def _problems(p: dict[str, Any]) -> list[str]:
     if p["source"] == "tfds" and not p["use_cache"]:
         out.append("source='tfds' reads the images through the resize cache: use_cache must be True")
     return out
-
-
-def _resolve(config_data) -> dict[str, Any]:
-    given = config_data.to_dict() if hasattr(config_data, "to_dict") else dict(config_data)
-    params = default_config().to_dict()
-    unknown = sorted(set(given) - set(params))
-    if unknown:
-        raise ValueError(f"config.data.{unknown[0]} is not an option of data task 'cub'; its options are "
-                         f"{', '.join(sorted(params))}")
-    params.update(given)
-    if params["task"] != TASK:
-        raise ValueError(f"CubDataset is for task 'cub', got {params['task']!r}")
-    problems = _problems(params)
-    if problems:
-        raise ValueError(f"config.data (task 'cub'): {problems[0]}")
-    return params
 
 
 # ----------------------------------------------------------------------------
@@ -795,7 +780,7 @@ class CubDataset:
         import jax
         import jax.numpy as jnp
 
-        p = self.params = _resolve(config_data)
+        p = self.params = resolve_options(config_data)
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
         if global_batch_size < 1 or global_batch_size % process_count:

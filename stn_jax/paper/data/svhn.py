@@ -121,6 +121,7 @@ import ml_collections
 import numpy as np
 
 from stn_jax.paper.data.files import array_digest, atomic_write, progress, publish_folder, sha256_file
+from stn_jax.paper.data.tasks import resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -195,25 +196,6 @@ def default_config(task: str = "svhn") -> ml_collections.ConfigDict:
         c.test_seed = 2015     # [U] fixed, independent of the training seed
         c.test_size = 10_000   # [U] synthetic test numbers (from the MNIST test digits)
     return c
-
-
-def _resolve(config_data) -> dict[str, Any]:
-    given = config_data.to_dict() if hasattr(config_data, "to_dict") else dict(config_data)
-    task = given.get("task", "svhn")
-    if task not in TASKS:
-        raise ValueError(f"config.data.task must be one of {', '.join(TASKS)}, got {task!r}")
-    params = default_config(task).to_dict()
-    foreign = {k for t in TASKS for k in default_config(t).keys()} - set(params)
-    for key, value in given.items():
-        if key in params:
-            params[key] = value
-        elif key in foreign:
-            raise ValueError(f"config.data.{key} does not apply to task {task!r}; its options are "
-                             f"{', '.join(sorted(params))}")
-        else:
-            log.debug("config.data.%s is not an SVHN data option; ignored", key)
-    _validate(params)
-    return params
 
 
 def _validate(p: dict[str, Any]) -> None:
@@ -916,7 +898,7 @@ class _Base:
         import jax
         import jax.numpy as jnp
 
-        self.params = _resolve(config_data)
+        self.params = resolve_options(config_data)
         self.task = self.params["task"]
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
