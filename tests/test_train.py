@@ -247,6 +247,7 @@ def test_four_devices_and_two_processes_match_one_device(tmp_path, synthetic_mni
      f"unknown model 'resnet'; choose one of {', '.join(distorted_mnist.MODELS)}"),
     ("--config=configs/distorted_mnist.py:q,cnn",
      f"unknown task 'q'; choose one of {', '.join(distorted_mnist.TASKS)}"),
+    ("--config.optimizer.name=rmsprop", "config.optimizer.name must be one of sgd, adam, got 'rmsprop'"),
     ("--config=configs/distorted_mnist.py:rts,st_cnn,spline",
      f"model 'st_cnn' needs a transform; choose one of {', '.join(MODELS.get('st_cnn').transforms)}, got 'spline'"),
 ])
@@ -285,3 +286,23 @@ def test_every_family_config_builds_its_model_and_data(synthetic_mnist):
         assert (model.transform or "") == r.model.transform and model.num_classes == ds.num_classes
         logits = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2,) + ds.image_shape, jnp.float32))
         assert logits.shape == (2, ds.num_classes)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_optimizer_groups_follow_optax_with_the_localisation_multiplier(name):
+    """One update of ``make_optimizer`` equals optax's own optimiser on each group, the localisation group at
+    ``loc_lr_multiplier`` x the learning rate, weight decay added to the gradient."""
+    import ml_collections
+    import optax
+
+    opt = ml_collections.ConfigDict({**trainer_defaults()["optimizer"], "name": name, "learning_rate": 0.1,
+                                     "loc_lr_multiplier": 0.01, "weight_decay": 1e-3})
+    params = {"loc": {"w": np.array([1.0, -2.0], np.float32)}, "main": {"w": np.array([0.5, 3.0], np.float32)}}
+    grads = {"loc": {"w": np.array([0.2, 0.4], np.float32)}, "main": {"w": np.array([-1.0, 0.25], np.float32)}}
+    tx = train_state.make_optimizer(opt)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for group, rate in (("loc", 0.001), ("main", 0.1)):
+        base = optax.adam(rate) if name == "adam" else optax.sgd(rate, momentum=0.9)
+        reference = optax.chain(optax.add_decayed_weights(1e-3), base)
+        expected, _ = reference.update(grads[group], reference.init(params[group]), params[group])
+        np.testing.assert_allclose(updates[group]["w"], expected["w"], rtol=1e-6)

@@ -31,15 +31,16 @@ def trainer_defaults() -> dict[str, Any]:
         "checkpoint_every": 1_000,
         "keep_checkpoints": 3,
         "eval_batch_size": 1_000,
-        "optimizer": {"learning_rate": 0.01, "decay_every": 1_000_000, "decay_boundaries": (), "decay_factor": 0.1,
-                      "momentum": 0.9,
-                      "nesterov": False, "weight_decay": 0.0, "loc_lr_multiplier": 1.0},
+        "optimizer": {"name": "sgd", "learning_rate": 0.01, "decay_every": 1_000_000, "decay_boundaries": (),
+                      "decay_factor": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
+                      "loc_lr_multiplier": 1.0},
         "model": {"name": None, "transform": "", "options": {}},
         "data": {"task": None},
         "objective": {"name": "classification"},
     }
 
 
+OPTIMIZERS = ("sgd", "adam")  # config.optimizer.name (stn_jax.paper.train_state.make_optimizer)
 _POSITIVE = ("batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
              "eval_batch_size")
 
@@ -80,6 +81,9 @@ def resolve(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collect
                 for k, d in default.items():
                     value.setdefault(k, d)
                     _check_type(value[k], d, f"config.optimizer.{k}")
+                if value["name"] not in OPTIMIZERS:
+                    raise ValueError(f"config.optimizer.name must be one of {', '.join(OPTIMIZERS)}, "
+                                     f"got {value['name']!r}")
             out[key] = value
         else:
             _check_type(value, default, f"config.{key}")

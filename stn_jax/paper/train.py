@@ -9,7 +9,7 @@ process, and evaluates it.
   replicated; one `jax.jit`-compiled step. Each process builds only its shard
   of every batch, and the global batch is the same whatever the number of
   processes or devices, so losses match a single-device run to float tolerance.
-* **Optimiser.** optax SGD with momentum and the paper's step schedule, a
+* **Optimiser.** optax SGD with momentum (or Adam, ``optimizer.name``) and the paper's step schedule, a
   separate learning-rate multiplier for the localisation networks, optional
   weight decay (`stn_jax.paper.train_state`).
 * **Determinism and resumption.** Per-step randomness is a function of (seed,

@@ -60,15 +60,22 @@ def make_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD with momentum over ``{"loc": ..., "main": ...}``; the localisation group at ``loc_lr_multiplier`` x."""
+    """``opt.name`` over ``{"loc": ..., "main": ...}``, the localisation group at ``loc_lr_multiplier`` x.
+
+    ``"sgd"`` (the paper's): SGD with ``momentum`` (0: plain) and ``nesterov``; ``"adam"``: Adam with
+    optax's defaults (b1 0.9, b2 0.999, eps 1e-8), for short budgets. ``weight_decay`` adds
+    ``weight_decay * w`` to the gradient (L2) in both.
+    """
     schedule = make_schedule(opt)
 
-    def sgd(multiplier: float):
+    def group(multiplier: float):
         parts = [optax.add_decayed_weights(opt.weight_decay)] if opt.weight_decay else []
-        return optax.chain(*parts, optax.sgd(lambda step: multiplier * schedule(step), momentum=opt.momentum or None,
-                                             nesterov=opt.nesterov))
+        rate = lambda step: multiplier * schedule(step)  # noqa: E731
+        if opt.name == "adam":
+            return optax.chain(*parts, optax.adam(rate))
+        return optax.chain(*parts, optax.sgd(rate, momentum=opt.momentum or None, nesterov=opt.nesterov))
 
-    return optax.multi_transform({"loc": sgd(opt.loc_lr_multiplier), "main": sgd(1.0)},
+    return optax.multi_transform({"loc": group(opt.loc_lr_multiplier), "main": group(1.0)},
                                  {"loc": "loc", "main": "main"})
 
 
@@ -93,7 +100,7 @@ class Setup:
         model = nnx.merge(graphdef, params["loc"], params["main"], self.rng_state, model_state, copy=True)
         if train and step is not None and jax.tree.leaves(self.rng_state):
             key = jax.random.fold_in(jax.random.key(self.config.seed), step)
-            nnx.reseed(model, dropout=key)
+            nnx.reseed(model, policy="match_shape", dropout=key)  # stacked streams (vmapped parts) get a split
         return model
 
 
