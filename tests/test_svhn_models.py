@@ -194,3 +194,18 @@ def test_tiny_training_run(tmp_path):
     assert list(result)[0] == "error"
     assert 0.0 <= result["error"] <= 1.0 and 0.0 <= result["position_error"] <= result["error"] + 1e-9
     assert np.isfinite(result["loss"])
+
+
+def test_relu_layers_start_with_he_initialisation():
+    """Conv and hidden FC kernels have std sqrt(2 / fan_in) (He et al.), so that ten ReLU layers keep the
+    signal's scale; the five heads keep flax's default (LeCun) initialisation."""
+    from stn_jax.paper.models import svhn
+
+    model = models.create_model("svhn_cnn", input_shape=(64, 64, 3), num_classes=11, rngs=nnx.Rngs(0),
+                                width_multiplier=0.5)
+    blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, (svhn.ConvBlock, svhn.DenseBlock))]
+    assert len(blocks) == 10
+    for block in blocks:
+        kernel = np.asarray((block.conv if isinstance(block, svhn.ConvBlock) else block.linear).kernel[...])
+        fan_in = math.prod(kernel.shape[:-1])
+        assert kernel.std() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1), kernel.shape

@@ -88,6 +88,7 @@ FC_WIDTHS = (3072, 3072)                                        # [S] A.5 (10 hi
 KERNEL = 5                                                      # [S] 5x5, pad 2 ("same")
 DROPOUT = 0.5                                                   # [S]
 MULTI_ST_BEFORE = 4                                             # [P] a transformer before conv 1-4
+RELU_INIT = nnx.initializers.he_normal()                        # [U] weights of the ReLU conv and FC layers
 
 # [S] A.5: ST-CNN Single: conv[32,5,1,2] - max[2] - conv[32,5,1,2] - fc[32] - fc[6].
 SINGLE_LOCALISATION = {"kind": "conv", "channels": (32, 32), "kernel_size": 5, "fc": (32,), "downsample": None,
@@ -111,7 +112,8 @@ class ConvBlock(nnx.Module):
     """conv kxk "same" -> ReLU [-> max-pool 2x2 stride 2] [-> dropout]."""
 
     def __init__(self, in_channels: int, out_channels: int, *, pool_after: bool, dropout: float, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, (KERNEL, KERNEL), padding="SAME", rngs=rngs)
+        self.conv = nnx.Conv(in_channels, out_channels, (KERNEL, KERNEL), padding="SAME", kernel_init=RELU_INIT,
+                             rngs=rngs)
         self.pool_after = bool(pool_after)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
@@ -126,7 +128,7 @@ class DenseBlock(nnx.Module):
     """linear -> ReLU [-> dropout]."""
 
     def __init__(self, in_features: int, out_features: int, *, dropout: float, rngs: nnx.Rngs):
-        self.linear = nnx.Linear(in_features, out_features, rngs=rngs)
+        self.linear = nnx.Linear(in_features, out_features, kernel_init=RELU_INIT, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x):
