@@ -5,13 +5,18 @@
     python -m experiments.reproduce --table_only          # regenerate docs/results.md's tables from the rows
     python -m experiments.reproduce table1 --dry_run      # list the runs and which are done
     python -m experiments.reproduce addition --steps 3000 --models add_fcn,add_2st_fcn   # some cells only
+    python -m experiments.reproduce cub --source ../shared/data/cub_200_2011_sample/CUB_200_2011 --seeds 1 \
+        --steps 225 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01
+    python -m experiments.reproduce svhn --source ../shared/data/mnist --steps 1500 --batch_size 32 --decays 1 \
+        --set model.options.width_multiplier=0.125       # the synthetic SVHN study (docs/results.md)
 
 Each run is ``python -m experiments.train`` with the study's config, the seed,
-and overrides only for the data source and the budget (``total_steps``,
-``batch_size``), in ``<workroot>/<run name>``; a run interrupted half-way
+and overrides only for the data source, the budget (``total_steps``,
+``batch_size``, ``--decays``: the staircase decay scaled into the budget) and
+what ``--set`` names (e.g. a width multiplier), in ``<workroot>/<run name>``; a run interrupted half-way
 resumes from its checkpoint when the study is started again, and finished runs
-(a row with the same config, seed, budget and source in the results file) are
-skipped. Each finished run appends one JSON row to ``results/runs.jsonl``
+(a row with the same config, seed, budget, source and overrides in the results
+file) are skipped. Each finished run appends one JSON row to ``results/runs.jsonl``
 (committed: a study can go on across sessions); the tables in
 ``docs/results.md`` and the pictures in ``docs/images/results_*`` are
 regenerated from those rows and the runs' workdirs, never typed by hand.
@@ -23,6 +28,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -49,6 +55,7 @@ END = "<!-- END GENERATED -->"
 
 TRANSFORM_ORDER = ("",) + tuple(stn_jax.TRANSFORMS)
 TABLE_FAMILIES = {"mnist": "Distorted MNIST", "addition": "MNIST addition"}  # task families with error tables
+SVHN_SIZES = (64, 128)
 
 
 def paper_error(task: str, model: str, transform: str) -> float | None:
@@ -112,13 +119,50 @@ def _coloc(seeds: int) -> list[Cell]:
             for variant in ("t", "tc") for digit in range(10)]
 
 
-STUDIES = {"table1": _table1, "tc": _tc, "addition": _addition, "coloc": _coloc}
+def _svhn(seeds: int) -> list[Cell]:
+    """Table 2's cells on the synthetic house numbers (docs/results.md): every model at 64 and 128 px."""
+    models = (("svhn_cnn", "", "cnn"), ("svhn_st_single", "affine", "st_single"),
+              ("svhn_st_multi", "affine", "st_multi"))
+    return [Cell("svhn", "svhn_synth", name, transform, seeds, f"{short},{size},synthetic")
+            for size in SVHN_SIZES for name, transform, short in models]
 
 
-def run_name(cell: Cell, seed: int, steps: int, batch_size: int) -> str:
+def _cub(seeds: int) -> list[Cell]:
+    """Table 3 on the birds with EfficientNet-Lite0 (docs/results.md): the CNN at 224 px, 2xST-CNN at 448 px."""
+    return [Cell("cub", "cub", "cub_cnn", "", seeds, "efficientnet_lite0,cnn224"),
+            Cell("cub", "cub", "cub_st2", "attention", seeds, "efficientnet_lite0,st2_448")]
+
+
+STUDIES = {"table1": _table1, "tc": _tc, "addition": _addition, "coloc": _coloc, "svhn": _svhn, "cub": _cub}
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", ...]`` -> ``{"a.b": "1"}``, sorted by key (the form recorded in a row)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set takes key=value (e.g. model.options.width_multiplier=0.125), got {item!r}")
+        out[key.strip()] = value.strip()
+    return dict(sorted(out.items()))
+
+
+def budget_overrides(steps: int, decays: int, extra: dict[str, str]) -> dict[str, str]:
+    """What a run overrides beyond source, steps and batch: ``decays`` staircase decays spread evenly over the
+    budget (``optimizer.decay_every = steps // (decays + 1)``; 0 keeps the config's schedule) and ``extra``."""
+    out = dict(extra)
+    if decays:
+        out["optimizer.decay_every"] = str(max(steps // (decays + 1), 1))
+    return dict(sorted(out.items()))
+
+
+def run_name(cell: Cell, seed: int, steps: int, batch_size: int, overrides: dict[str, str] | None = None) -> str:
+    """The run's workdir name; overrides add a short digest of themselves."""
     variant = "_" + cell.variant.replace(",", "_") if cell.variant else ""
+    digest = ("_o" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:6]
+              if overrides else "")
     return (f"{cell.task}_{cell.model}{'_' + cell.transform if cell.transform else ''}{variant}_s{seed}_b{batch_size}"
-            f"_n{steps}")
+            f"_n{steps}{digest}")
 
 
 def read_rows(path: Path = RESULTS) -> list[dict]:
@@ -131,9 +175,11 @@ def _source_kind(source: str) -> str:
     return "tfds" if source == "tfds" else "idx"
 
 
-def _done(rows: list[dict], cell: Cell, seed: int, steps: int, batch_size: int, source: str) -> bool:
+def _done(rows: list[dict], cell: Cell, seed: int, steps: int, batch_size: int, source: str,
+          overrides: dict[str, str]) -> bool:
     return any(r["config"] == cell.config and r["arg"] == cell.arg and r["seed"] == seed and r["steps"] == steps
-               and r["batch_size"] == batch_size and r["source"] == _source_kind(source) for r in rows)
+               and r["batch_size"] == batch_size and r["source"] == _source_kind(source)
+               and r.get("overrides", {}) == overrides for r in rows)
 
 
 def _versions(workdir: Path) -> dict:
@@ -146,10 +192,10 @@ def relative_to_root(path: str) -> str:
     return path if path == "tfds" else os.path.relpath(Path(path).absolute(), ROOT)
 
 
-def run_cell(cell: Cell, seed: int, args) -> dict:
+def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
     """Trains one run (resuming if its workdir has a checkpoint) and returns its result row."""
     workroot, source = Path(relative_to_root(args.workroot)), relative_to_root(args.source)
-    workdir = workroot / run_name(cell, seed, args.steps, args.batch_size)
+    workdir = workroot / run_name(cell, seed, args.steps, args.batch_size, overrides)
     resumed = (ROOT / workdir / "checkpoints").exists() and any((ROOT / workdir / "checkpoints").iterdir())
     every = max(args.steps // args.evals, 1)
     command = [sys.executable, "-m", "experiments.train", f"--config=configs/{cell.config}.py:{cell.arg}",
@@ -158,6 +204,7 @@ def run_cell(cell: Cell, seed: int, args) -> dict:
                f"--config.eval_every={every}", f"--config.checkpoint_every={min(every, 100)}",
                f"--config.log_every={max(args.steps // 40, 1)}",
                f"--config.data.cache_dir={workroot / 'data_cache'}"]
+    command += [f"--config.{key}={value}" for key, value in overrides.items()]
     print(f"[reproduce] {' '.join(command[1:])}", flush=True)
     start = time.time()
     out = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True)
@@ -172,7 +219,7 @@ def run_cell(cell: Cell, seed: int, args) -> dict:
               dict(localised=float(coloc.group(1)), mean_iou=float(coloc.group(2))))
     return dict(config=cell.config, arg=cell.arg, task=cell.task, model=cell.model, transform=cell.transform,
                 seed=seed, steps=args.steps, batch_size=args.batch_size, source=_source_kind(args.source),
-                **result, wall_time_s=round(wall, 1),
+                **({"overrides": overrides} if overrides else {}), **result, wall_time_s=round(wall, 1),
                 resumed=resumed, workdir=str(workdir),
                 date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()} CPUs",
                 versions=_versions(ROOT / workdir),
@@ -220,10 +267,87 @@ def coloc_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _budget_text(r: dict) -> str:
+    extra = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items())
+    return f"{r['steps']} steps of batch {r['batch_size']}" + (f" ({extra})" if extra else "")
+
+
+def svhn_table(rows: list[dict]) -> str:
+    """SVHN-family rows: sequence error % per model at 64 and 128 px beside Table 2, and the change 64 -> 128 px."""
+    out = []
+    for budget in sorted({_budget_text(r) for r in rows}):
+        runs = [r for r in rows if _budget_text(r) == budget]
+        for task in sorted({r["task"] for r in runs}):
+            out.append(f"### {task_title(task)}: {budget}\n")
+            out.append("Sequence error %, ours (mean ± std over seeds) / paper's Table 2 (real SVHN); "
+                       "the last column is the error added by the looser framing (128 px minus 64 px)\n")
+            out.append("| model | 64 px | 128 px | 128 − 64 px |")
+            out.append("|---|---|---|---|")
+            models = sorted({(r["model"], r["transform"]) for r in runs if r["task"] == task},
+                            key=lambda m: MODELS.names().index(m[0]))
+            for model, transform in models:
+                errors, cells = {}, []
+                for size in SVHN_SIZES:
+                    rs = [r for r in runs if (r["task"], r["model"], r["transform"]) == (task, model, transform)
+                          and r["arg"].split(",")[1] == str(size)]
+                    errors[size] = [r["test_error"] for r in rs]
+                    paper = paper_error(f"svhn{size}", model, transform)
+                    cells.append(f"{_stats(errors[size]) if rs else 'not run'} / {paper}")
+                ours = (f"{100 * (np.mean(errors[128]) - np.mean(errors[64])):+.2f}"
+                        if errors[64] and errors[128] else "–")
+                paper = paper_error("svhn128", model, transform) - paper_error("svhn64", model, transform)
+                out.append(f"| {display_name(model, transform)} | " + " | ".join(cells) + f" | {ours} / {paper:+.1f} |")
+            task_runs = [r for r in runs if r["task"] == task]
+            wall = [r["wall_time_s"] for r in task_runs]
+            out.append(f"\n{len(task_runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s, total "
+                       f"{sum(wall) / 3600:.1f} h on {task_runs[0]['machine']}, jax "
+                       f"{task_runs[0]['versions'].get('jax', '?')}; seeds {sorted({r['seed'] for r in task_runs})}.\n")
+            out.append("<details><summary>Every run</summary>\n")
+            out.append("| run | seed | sequence error % | test loss | wall s | command |")
+            out.append("|---|---|---|---|---|---|")
+            for r in sorted(task_runs, key=lambda r: (r["arg"], r["seed"])):
+                out.append(f"| {r['arg']} | {r['seed']} | {100 * r['test_error']:.2f} | {r['test_loss']:.4f} | "
+                           f"{r['wall_time_s']:.0f} | `{r['command']}` |")
+            out.append("\n</details>\n")
+    return "\n".join(out)
+
+
+def cub_table(rows: list[dict]) -> str:
+    """CUB rows: test accuracy % per Table 3 row (config argument) beside the paper's (Inception-BN, 200 classes)."""
+    out = []
+    for budget in sorted({_budget_text(r) for r in rows}):
+        runs = [r for r in rows if _budget_text(r) == budget]
+        out.append(f"### {task_title('cub')}: {budget}\n")
+        out.append("Test accuracy %, ours (mean ± std over seeds) / paper's Table 3 (Inception-BN, all 200 classes)\n")
+        out.append("| model | backbone | input | ours | paper |")
+        out.append("|---|---|---|---|---|")
+        for arg in sorted({r["arg"] for r in runs}, key=lambda a: a.split(",")[1]):
+            rs = [r for r in runs if r["arg"] == arg]
+            backbone, row = arg.split(",")[:2]
+            size = row[-3:]
+            paper = paper_error(f"cub{size}", rs[0]["model"], rs[0]["transform"])
+            accuracy = _stats([1 - r["test_error"] for r in rs])
+            out.append(f"| {display_name(rs[0]['model'], rs[0]['transform'])} | {backbone} | {size} px | {accuracy} | "
+                       f"{'-' if paper is None else f'{100 - paper:.1f}'} |")
+        wall = [r["wall_time_s"] for r in runs]
+        out.append(f"\n{len(runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s on {runs[0]['machine']}, "
+                   f"jax {runs[0]['versions'].get('jax', '?')}; seeds {sorted({r['seed'] for r in runs})}.\n")
+        out.append("<details><summary>Every run</summary>\n")
+        out.append("| run | seed | accuracy % | test loss | wall s | command |")
+        out.append("|---|---|---|---|---|---|")
+        for r in sorted(runs, key=lambda r: (r["arg"], r["seed"])):
+            out.append(f"| {r['arg']} | {r['seed']} | {100 * (1 - r['test_error']):.2f} | {r['test_loss']:.4f} | "
+                       f"{r['wall_time_s']:.0f} | `{r['command']}` |")
+        out.append("\n</details>\n")
+    return "\n".join(out)
+
+
 def tables(rows: list[dict]) -> str:
     """Markdown tables of test error % per cell (mean ± sample std over seeds) beside the paper's."""
     coloc = [r for r in rows if "localised" in r]
-    rows = [r for r in rows if "test_error" in r]
+    svhn = [r for r in rows if "test_error" in r and TASKS.get(r["task"]).family == "svhn"]
+    cub = [r for r in rows if "test_error" in r and TASKS.get(r["task"]).family == "cub"]
+    rows = [r for r in rows if "test_error" in r and TASKS.get(r["task"]).family in TABLE_FAMILIES]
     groups = collections.defaultdict(list)
     for r in rows:
         groups[(r["steps"], r["batch_size"], r["task"], r["model"], r["transform"])].append(r)
@@ -270,6 +394,10 @@ def tables(rows: list[dict]) -> str:
             out.append(f"| {r['task']} {r['model']} {r['transform']} | {r['seed']} | {100 * r['test_error']:.2f} | "
                        f"{r['test_loss']:.4f} | {r['wall_time_s']:.0f} | `{r['command']}` |")
         out.append("\n</details>\n")
+    if svhn:
+        out.append(svhn_table(svhn))
+    if cub:
+        out.append(cub_table(cub))
     if coloc:
         out.append(coloc_table(coloc))
     return "\n".join(out)
@@ -294,6 +422,8 @@ def _curves(rows: list[dict]) -> None:
             train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
             test = [(m["step"], 100 * m["test_error"]) for m in lines if "test_error" in m]
             label = f"{display_name(r['model'], r['transform'])} s{r['seed']}"
+            if r["config"] == "svhn":
+                label += f" {r['arg'].split(',')[1]} px"
             if several_budgets:
                 label += f" ({r['steps']} x {r['batch_size']})"
             if train:
@@ -308,20 +438,25 @@ def _curves(rows: list[dict]) -> None:
         plt.close(fig)
 
 
-def _pictures(rows: list[dict]) -> None:
-    """The last transformer picture (inputs with sampling grids, outputs) of one ST run per task and transform.
+def picture_name(row: dict) -> str:
+    """``results_<task>_<the config argument's other parts>.png``, e.g. ``results_rts_st_cnn_tps.png``."""
+    parts = [p for p in row["arg"].split(",") if p != row["task"]]
+    return "results_" + "_".join([row["task"], *parts]) + ".png"
 
-    The first seed's run at the longest budget is shown.
+
+def _pictures(rows: list[dict]) -> None:
+    """The last transformer picture (inputs with sampling grids, outputs) of one ST run per config argument.
+
+    The first seed's run at the longest budget is shown; co-localisation has its own figure (docs/coloc.md).
     """
     seen = set()
     for r in sorted(rows, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):
-        key = (r["task"], r["model"], r["transform"])
-        if not r["transform"] or key in seen:
+        if not r["transform"] or "localised" in r or picture_name(r) in seen:
             continue
         pictures = sorted((ROOT / r["workdir"] / "images").glob("transformer_step*.png"))
         if pictures:
-            seen.add(key)
-            shutil.copyfile(pictures[-1], IMAGES / f"results_{r['task']}_{r['model']}_{r['transform']}.png")
+            seen.add(picture_name(r))
+            shutil.copyfile(pictures[-1], IMAGES / picture_name(r))
 
 
 def write_page(rows: list[dict]) -> None:
@@ -344,6 +479,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=256, help="batch size (paper: 256)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds for the CNN and ST-CNN cells (paper: 3)")
     parser.add_argument("--models", default="", help="comma-separated model names to run (default: all of the study's)")
+    parser.add_argument("--decays", type=int, default=0,
+                        help="learning-rate decays spread evenly over the budget (0: the config's schedule)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run, recorded in its row (e.g. a width multiplier)")
     parser.add_argument("--evals", type=int, default=2, help="test evaluations (and checkpoints) per run")
     parser.add_argument("--workroot", default="workdirs/reproduce", help="where the runs' workdirs go")
     parser.add_argument("--dry_run", action="store_true", help="list the runs, mark the finished ones, run nothing")
@@ -359,19 +498,23 @@ def main(argv: list[str] | None = None) -> None:
                      f"choose from {', '.join(sorted(known))}")
     if not args.studies and not args.table_only:
         parser.error(f"name a study ({', '.join(STUDIES)}) or pass --table_only")
+    try:
+        overrides = budget_overrides(args.steps, args.decays, parse_overrides(args.set))
+    except ValueError as e:
+        parser.error(str(e))
 
     # Seed-major order: every cell's first seed before any cell's second, so that a study cut short
     # (or spread over sessions) covers the whole table first.
     plan = [(study, cell, seed) for study in args.studies for seed in range(args.seeds)
             for cell in STUDIES[study](args.seeds) if seed < cell.seeds and (not models or cell.model in models)]
     for study, cell, seed in plan:
-        done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source)
+        done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source, overrides)
         if args.dry_run:
             print(f"{'done' if done else 'todo'}  {study:9s} {cell.config}:{cell.arg} seed {seed}")
             continue
         if done:
             continue
-        row = run_cell(cell, seed, args)
+        row = run_cell(cell, seed, args, overrides)
         RESULTS.parent.mkdir(exist_ok=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")

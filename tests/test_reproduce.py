@@ -30,15 +30,72 @@ def test_studies_hold_the_papers_cells():
     assert reproduce.paper_error("rts", "st_cnn", "tps") == 0.5 and reproduce.paper_error("tc", "st_cnn", "tps") is None
 
 
-def test_a_run_is_done_only_for_the_same_config_seed_budget_and_source():
+def test_a_run_is_done_only_for_the_same_config_seed_budget_source_and_overrides():
     cell = reproduce.Cell("distorted_mnist", "rts", "st_cnn", "tps", 2)
     rows = [row("rts", "st_cnn", "tps", 0, 0.1)]
-    assert reproduce._done(rows, cell, 0, 500, 64, "/data/mnist")
-    assert not reproduce._done(rows, cell, 1, 500, 64, "/data/mnist")
-    assert not reproduce._done(rows, cell, 0, 1000, 64, "/data/mnist")
-    assert not reproduce._done(rows, cell, 0, 500, 256, "/data/mnist")
-    assert not reproduce._done(rows, cell, 0, 500, 64, "tfds")
+    assert reproduce._done(rows, cell, 0, 500, 64, "/data/mnist", {})
+    assert not reproduce._done(rows, cell, 1, 500, 64, "/data/mnist", {})
+    assert not reproduce._done(rows, cell, 0, 1000, 64, "/data/mnist", {})
+    assert not reproduce._done(rows, cell, 0, 500, 256, "/data/mnist", {})
+    assert not reproduce._done(rows, cell, 0, 500, 64, "tfds", {})
+    assert not reproduce._done(rows, cell, 0, 500, 64, "/data/mnist", {"optimizer.decay_every": "250"})
+    rows[0]["overrides"] = {"optimizer.decay_every": "250"}
+    assert reproduce._done(rows, cell, 0, 500, 64, "/data/mnist", {"optimizer.decay_every": "250"})
     assert reproduce.run_name(cell, 1, 500, 64) == "rts_st_cnn_tps_s1_b64_n500"
+    a = reproduce.run_name(cell, 1, 500, 64, {"optimizer.decay_every": "250"})
+    b = reproduce.run_name(cell, 1, 500, 64, {"optimizer.decay_every": "100"})
+    assert a.startswith("rts_st_cnn_tps_s1_b64_n500_o") and a != b
+
+
+def test_overrides_scale_the_decay_into_the_budget_and_parse_key_values():
+    assert reproduce.budget_overrides(1200, 0, {}) == {}
+    assert reproduce.budget_overrides(1200, 1, {}) == {"optimizer.decay_every": "600"}
+    assert reproduce.budget_overrides(1200, 2, {"a.b": "1"}) == {"a.b": "1", "optimizer.decay_every": "400"}
+    assert reproduce.parse_overrides(["b=2", "a.x = 0.5"]) == {"a.x": "0.5", "b": "2"}
+    with pytest.raises(ValueError, match="--set takes key=value"):
+        reproduce.parse_overrides(["width"])
+
+
+def test_svhn_and_cub_studies_hold_table_2_and_3_cells():
+    svhn = reproduce.STUDIES["svhn"](1)
+    assert [c.arg for c in svhn] == [f"{m},{s},synthetic" for s in (64, 128) for m in ("cnn", "st_single", "st_multi")]
+    cub = reproduce.STUDIES["cub"](1)
+    assert [c.arg for c in cub] == ["efficientnet_lite0,cnn224", "efficientnet_lite0,st2_448"]
+    for cell in svhn:
+        size = cell.arg.split(",")[1]
+        assert reproduce.paper_error(f"svhn{size}", cell.model, cell.transform) is not None, cell
+    assert reproduce.paper_error("cub448", "cub_st2", "attention") == pytest.approx(16.1)
+
+
+def test_svhn_table_gives_both_framings_and_the_change_beside_table_2():
+    def svhn_row(short, model, transform, size, error):
+        r = row("svhn_synth", model, transform, 0, error, steps=1200, batch_size=32, config="svhn")
+        return {**r, "arg": f"{short},{size},synthetic", "overrides": {"optimizer.name": "adam"}}
+    rows = [svhn_row("cnn", "svhn_cnn", "", 64, 0.10), svhn_row("cnn", "svhn_cnn", "", 128, 0.30),
+            svhn_row("st_multi", "svhn_st_multi", "affine", 64, 0.12)]
+    text = reproduce.tables(rows)
+    assert "### Synthetic house numbers: 1200 steps of batch 32 (optimizer.name=adam)" in text
+    assert "| CNN | 10.00 / 4.0 | 30.00 / 5.6 | +20.00 / +1.6 |" in text
+    assert "| ST-CNN Multi Aff | 12.00 / 3.6 | not run / 3.9 | – / +0.3 |" in text
+    assert "Distorted MNIST" not in text
+
+
+def test_cub_table_gives_accuracy_beside_table_3():
+    def cub_row(arg, model, transform, error):
+        r = row("cub", model, transform, 0, error, steps=225, batch_size=8, config="cub")
+        return {**r, "arg": arg}
+    text = reproduce.tables([cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.25),
+                             cub_row("efficientnet_lite0,st2_448", "cub_st2", "attention", 0.2)])
+    assert "| CNN | efficientnet_lite0 | 224 px | 75.00 | 82.3 |" in text
+    assert "| 2xST-CNN | efficientnet_lite0 | 448 px | 80.00 | 83.9 |" in text
+
+
+def test_picture_names_follow_the_config_argument():
+    assert reproduce.picture_name(row("rts", "st_cnn", "tps", 0, 0.1)) == "results_rts_st_cnn_tps.png"
+    add = row("addition", "add_2st_fcn", "tps", 0, 0.5, config="mnist_addition")
+    assert reproduce.picture_name(add) == "results_addition_add_2st_fcn_tps.png"
+    svhn = {**row("svhn_synth", "svhn_st_single", "affine", 0, 0.1), "arg": "st_single,128,synthetic"}
+    assert reproduce.picture_name(svhn) == "results_svhn_synth_st_single_128_synthetic.png"
 
 
 def test_tables_show_mean_std_over_seeds_beside_the_paper():
