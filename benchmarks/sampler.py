@@ -21,6 +21,14 @@ Systems: ``torch`` (reference; needs ``pip install torch==2.13.0``),
 
     python benchmarks/sampler.py                   # all shapes, markdown table
     python benchmarks/sampler.py --cases mnist60 --rounds 3
+    python benchmarks/sampler.py --device gpu      # JAX and PyTorch both on the first GPU
+
+``--device``: by default JAX runs on its default backend (the GPU where jaxlib has
+one) and PyTorch on the CPU; ``--device gpu`` puts both on the first GPU (PyTorch
+through CUDA, synchronised before each time is taken) and measures the bound with
+the GPU's own copy bandwidth; ``--device cpu`` puts both on the CPU. On a GPU,
+``stn_jax`` and ``stn_jax[xla]`` are the same program (the CPU lowering choice
+does not apply there).
 """
 
 from __future__ import annotations
@@ -120,11 +128,13 @@ def map_coordinates_sampler(case: Case):
     return f
 
 
-def torch_system(case: Case, image, theta, cot):
+def torch_system(case: Case, image, theta, cot, device: str = "cpu"):
     torch.set_num_threads(2)
     perm = (0, case.ndim + 1) + tuple(range(1, case.ndim + 1))
-    image = torch.tensor(image).permute(*perm).contiguous()
-    theta, cot = torch.tensor(theta), torch.tensor(cot).permute(*perm).contiguous()
+    image = torch.tensor(image, device=device).permute(*perm).contiguous()
+    theta = torch.tensor(theta, device=device)
+    cot = torch.tensor(cot, device=device).permute(*perm).contiguous()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     shape = (case.batch, case.channels, *case.size_out)
     F = torch.nn.functional
 
@@ -135,6 +145,7 @@ def torch_system(case: Case, image, theta, cot):
             out = F.grid_sample(i, F.affine_grid(t, shape, align_corners=False), align_corners=False)
             if image_grad or theta_grad:
                 out.backward(cot)
+        sync()  # CUDA runs asynchronously: wait for the work before the time is taken
         return out
 
     return {
@@ -155,6 +166,26 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes / best
 
 
+def device_copy_bandwidth() -> float:
+    """Bytes/s of a large elementwise copy (read + write) on JAX's default device, best of 10."""
+    a = jnp.ones(512 * 2**20 // 4, jnp.float32)
+    copy = jax.jit(lambda x: x + 1.0)
+    jax.block_until_ready(copy(a))
+    best = min(_timed(lambda: jax.block_until_ready(copy(a))) for _ in range(10))
+    return 2 * a.nbytes / best
+
+
+def select_device(name: str | None) -> tuple[str, str]:
+    """Applies ``--device``: JAX's default device and PyTorch's device, as ``(jax device, torch device)``."""
+    if name is None:  # JAX's default backend, PyTorch on the CPU
+        return str(jax.devices()[0]), "cpu"
+    device = jax.devices(name)[0]  # raises if JAX has no such backend
+    jax.config.update("jax_default_device", device)
+    if name == "gpu" and torch is not None and not torch.cuda.is_available():
+        raise SystemExit("--device gpu: this PyTorch build sees no CUDA device (torch.cuda.is_available() is False)")
+    return str(device), "cuda" if name == "gpu" else "cpu"
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -171,11 +202,11 @@ def lower_bound_bytes(case: Case, task: str) -> int:
     return 2 * n_in + 2 * n_out  # + image gradient
 
 
-def bench_case(case: Case, systems: list[str], rounds: int, reps: int) -> list[dict]:
+def bench_case(case: Case, systems: list[str], rounds: int, reps: int, torch_device: str = "cpu") -> list[dict]:
     image, theta, cot = make_inputs(case)
     impls = {}
     if "torch" in systems and torch is not None:
-        impls["torch"] = torch_system(case, image, theta, cot)
+        impls["torch"] = torch_system(case, image, theta, cot, torch_device)
     if "stn_jax" in systems:
         with use_cpu_sampler("native"):
             impls["stn_jax"] = jax_system(case, stn_sampler(case), image, theta, cot)
@@ -204,7 +235,7 @@ def bench_case(case: Case, systems: list[str], rounds: int, reps: int) -> list[d
     return rows
 
 
-def environment() -> dict:
+def environment(device: str | None = None, torch_device: str = "cpu") -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -214,10 +245,11 @@ def environment() -> dict:
     except OSError:
         pass
     import os
-    return dict(cpu=cpu, cores=os.cpu_count(), device=str(jax.devices()[0]), jax=jax.__version__,
+    gpu = torch.cuda.get_device_name() if torch is not None and torch_device == "cuda" else None
+    return dict(cpu=cpu, cores=os.cpu_count(), device=device or str(jax.devices()[0]), jax=jax.__version__,
                 jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
-                torch=torch.__version__ if torch else None, numpy=np.__version__,
-                python=platform.python_version())
+                torch=torch.__version__ if torch else None, torch_device=gpu or torch_device,
+                numpy=np.__version__, python=platform.python_version())
 
 
 def main():
@@ -227,10 +259,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=3, help="timed calls per block (median taken)")
     parser.add_argument("--json", help="also write the rows and the environment to this file")
+    parser.add_argument("--device", choices=("cpu", "gpu"),
+                        help="run JAX and PyTorch both on the CPU or both on the first GPU (default: JAX on its "
+                             "default backend, PyTorch on the CPU)")
     args = parser.parse_args()
 
-    env = environment()
-    bandwidth = copy_bandwidth()
+    jax_device, torch_device = select_device(args.device)
+    env = environment(jax_device, torch_device)
+    bandwidth = device_copy_bandwidth() if args.device == "gpu" else copy_bandwidth()
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()) + f", copy bandwidth={bandwidth / 1e9:.1f} GB/s")
     if torch is None:
         print("# torch is not installed: no reference, no ratios (pip install torch==2.13.0)")
@@ -240,7 +276,7 @@ def main():
     for case in [c for c in CASES if c.name in args.cases]:
         size_in, size_out = "x".join(map(str, case.size_in)), "x".join(map(str, case.size_out))
         shape = f"{case.name}: {case.batch}x{size_in}->{size_out}x{case.channels}"
-        for row in bench_case(case, args.systems, args.rounds, args.reps):
+        for row in bench_case(case, args.systems, args.rounds, args.reps, torch_device):
             bound = 1e3 * lower_bound_bytes(case, row["task"]) / bandwidth
             row["bound_ms"] = bound
             ratio = f"{row['ratio']:.2f}" if "ratio" in row else "-"

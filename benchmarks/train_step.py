@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                    # markdown table
     python benchmarks/train_step.py --batch 256 --rounds 5 --json out.json
+    python benchmarks/train_step.py --device gpu       # JAX and PyTorch both on the first GPU
 
 JAX: the trainer's own step (`stn_jax.paper.train.make_train_step`: forward, loss,
 backward, SGD-momentum update, metrics) built from
@@ -10,6 +11,10 @@ input pipeline is measured by benchmarks/input_pipeline.py). PyTorch: the same
 architectures (widths read from our models, ceil-mode max-pools,
 ``affine_grid`` + ``grid_sample`` with ``align_corners=False``), the same
 optimiser (SGD, momentum 0.9), ``torch.set_num_threads`` = the CPU count.
+By default JAX runs on its default backend (the GPU where jaxlib has one) and
+PyTorch on the CPU; ``--device gpu`` puts both on the first GPU (PyTorch through
+CUDA with ``cudnn.benchmark``, synchronised before each time is taken),
+``--device cpu`` both on the CPU.
 
 Rows: ``cnn`` (the paper's CNN on 42x42), ``st_cnn`` (affine ST-CNN: the
 transformer, a 2x2 average pool, then a CNN on 21x21), and ``classifier``
@@ -106,19 +111,36 @@ class TorchSTCNN(torch.nn.Module if torch else object):
         return self.classifier(F.avg_pool2d(x, 2))
 
 
-def torch_step(module, input_shape, batch: int):
+def torch_step(module, input_shape, batch: int, device: str = "cpu"):
     torch.manual_seed(0)
+    module = module.to(device)
     opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(batch, input_shape[2], input_shape[0], input_shape[1])
-    y = torch.randint(0, 10, (batch,))
+    x = torch.rand(batch, input_shape[2], input_shape[0], input_shape[1]).to(device)
+    y = torch.randint(0, 10, (batch,)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run():
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(module(x), y)
         loss.backward()
         opt.step()
+        sync()  # CUDA runs asynchronously: wait for the step before the time is taken
 
     return run
+
+
+def select_device(name: str | None) -> tuple[str, str]:
+    """Applies ``--device``: JAX's default device and PyTorch's device, as ``(jax device, torch device)``."""
+    if name is None:  # JAX's default backend, PyTorch on the CPU
+        return str(jax.devices()[0]), "cpu"
+    device = jax.devices(name)[0]  # raises if JAX has no such backend
+    jax.config.update("jax_default_device", device)
+    if name == "gpu" and torch is not None:
+        if not torch.cuda.is_available():
+            raise SystemExit("--device gpu: this PyTorch build sees no CUDA device "
+                             "(torch.cuda.is_available() is False)")
+        torch.backends.cudnn.benchmark = True  # let cuDNN pick its convolution algorithms, as XLA autotunes its own
+    return str(device), "cuda" if name == "gpu" else "cpu"
 
 
 def time_block(fn, reps: int) -> float:
@@ -137,8 +159,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json")
+    parser.add_argument("--device", choices=("cpu", "gpu"),
+                        help="run JAX and PyTorch both on the CPU or both on the first GPU (default: JAX on its "
+                             "default backend, PyTorch on the CPU)")
     args = parser.parse_args()
     shape = (42, 42, 1)
+    jax_device, torch_device = select_device(args.device)
 
     cnn_run, cnn = jax_step("rts,cnn", shape, args.batch)
     st_run, st = jax_step("rts,st_cnn,affine", shape, args.batch)
@@ -147,9 +173,9 @@ def main() -> None:
     systems = {("cnn", "jax"): cnn_run, ("st_cnn", "jax"): st_run, ("classifier", "jax"): cls_run}
     if torch is not None:
         torch.set_num_threads(os.cpu_count())
-        systems[("cnn", "torch")] = torch_step(TorchCNN(cnn.width, 42), shape, args.batch)
-        systems[("st_cnn", "torch")] = torch_step(TorchSTCNN(st_width, 42), shape, args.batch)
-        systems[("classifier", "torch")] = torch_step(TorchCNN(st_width, 21), (21, 21, 1), args.batch)
+        systems[("cnn", "torch")] = torch_step(TorchCNN(cnn.width, 42), shape, args.batch, torch_device)
+        systems[("st_cnn", "torch")] = torch_step(TorchSTCNN(st_width, 42), shape, args.batch, torch_device)
+        systems[("classifier", "torch")] = torch_step(TorchCNN(st_width, 21), (21, 21, 1), args.batch, torch_device)
 
     times = {k: [] for k in systems}
     for _ in range(args.rounds):
@@ -158,7 +184,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}"
-           + (f", torch {torch.__version__}" if torch else ", torch not installed"))
+           + (f", torch {torch.__version__}" if torch else ", torch not installed")
+           + f"; JAX on {jax_device}, PyTorch on "
+           + (torch.cuda.get_device_name() if torch is not None and torch_device == "cuda" else torch_device))
     print(f"batch {args.batch}, RTS 42x42x1; {env}\n")
     print("| step | JAX ms | JAX img/s | PyTorch ms | PyTorch img/s | JAX / PyTorch time |")
     print("|---|---|---|---|---|---|")
