@@ -267,8 +267,12 @@ def coloc_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _overrides_text(r: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items())
+
+
 def _budget_text(r: dict) -> str:
-    extra = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items())
+    extra = _overrides_text(r)
     return f"{r['steps']} steps of batch {r['batch_size']}" + (f" ({extra})" if extra else "")
 
 
@@ -350,20 +354,21 @@ def tables(rows: list[dict]) -> str:
     rows = [r for r in rows if "test_error" in r and TASKS.get(r["task"]).family in TABLE_FAMILIES]
     groups = collections.defaultdict(list)
     for r in rows:
-        groups[(r["steps"], r["batch_size"], r["task"], r["model"], r["transform"])].append(r)
+        groups[(r["steps"], r["batch_size"], _overrides_text(r), r["task"], r["model"], r["transform"])].append(r)
     out = []
-    budgets = sorted({(k[0], k[1]) for k in groups})
-    for steps, batch in budgets:
-        tasks = [t for t in TASKS.names() if any(k[:3] == (steps, batch, t) for k in groups)]
-        out.append(f"### Budget: {steps} steps of batch {batch} ({steps * batch / 60_000:.1f} epochs of MNIST)\n")
+    budgets = sorted({k[:3] for k in groups})
+    for steps, batch, extra in budgets:
+        tasks = [t for t in TASKS.names() if any(k[:4] == (steps, batch, extra, t) for k in groups)]
+        out.append(f"### Budget: {steps} steps of batch {batch} ({steps * batch / 60_000:.1f} epochs of MNIST)"
+                   f"{'; ' + extra if extra else ''}\n")
         for family, title in TABLE_FAMILIES.items():
             task_set = [t for t in tasks if TASKS.get(t).family == family]
             if not task_set:
                 continue
             models = []
             for k in groups:
-                if k[0] == steps and k[1] == batch and k[2] in task_set and (k[3], k[4]) not in models:
-                    models.append((k[3], k[4]))
+                if k[:3] == (steps, batch, extra) and k[3] in task_set and (k[4], k[5]) not in models:
+                    models.append((k[4], k[5]))
             order = MODELS.names()
             models.sort(key=lambda m: (order.index(m[0]), TRANSFORM_ORDER.index(m[1])))
             out.append(f"**{title}**: test error %, ours (mean ± std over seeds) / paper\n")
@@ -372,7 +377,7 @@ def tables(rows: list[dict]) -> str:
             for model, transform in models:
                 cells = []
                 for t in task_set:
-                    rs = groups.get((steps, batch, t, model, transform), [])
+                    rs = groups.get((steps, batch, extra, t, model, transform), [])
                     paper = paper_error(t, model, transform)
                     if not rs and paper is None:
                         cells.append("–")  # not a cell of the paper's table, and not run
@@ -381,7 +386,7 @@ def tables(rows: list[dict]) -> str:
                     cells.append(f"{ours} / {paper if paper is not None else '-'}")
                 out.append(f"| {display_name(model, transform)} | " + " | ".join(cells) + " |")
             out.append("")
-        runs = [r for r in rows if r["steps"] == steps and r["batch_size"] == batch]
+        runs = [r for r in rows if (r["steps"], r["batch_size"], _overrides_text(r)) == (steps, batch, extra)]
         wall = [r["wall_time_s"] for r in runs]
         out.append(f"{len(runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s "
                    f"(median {np.median(wall):.0f} s), total {sum(wall) / 3600:.1f} h on "

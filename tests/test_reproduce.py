@@ -145,3 +145,13 @@ def test_rows_round_trip_through_the_results_file(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert reproduce.read_rows(path) == rows
     assert reproduce.read_rows(tmp_path / "absent.jsonl") == []
+
+
+def test_runs_with_other_overrides_are_a_separate_budget():
+    plain = row("addition", "add_fcn", "", 0, 0.9, steps=3000, config="mnist_addition")
+    adam = {**row("addition", "add_fcn", "", 0, 0.5, steps=3000, config="mnist_addition"),
+            "overrides": {"optimizer.name": "adam"}}
+    text = reproduce.tables([plain, adam])
+    assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST)\n" in text
+    assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST); optimizer.name=adam\n" in text
+    assert "| FCN | 90.00 / 47.7 |" in text and "| FCN | 50.00 / 47.7 |" in text
