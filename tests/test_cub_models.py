@@ -68,18 +68,36 @@ def test_missing_pretrained_file_is_one_clear_line(tmp_path):
         models.abstract_model("cub_cnn", None, (64, 64, 3), 3, backbone="inception_bn", pretrained="imagenet")
 
 
-@pytest.mark.slow
-@pytest.mark.real_data
-def test_tiny_runs_train_and_resume_bit_identically_with_batch_statistics(tmp_path):
-    """configs/cub.py ``efficientnet_lite0,cnn224,tiny`` on classes 1-3 of the shared folder: 2 steps in one go
-    equal 1 step, a stop, and a resumed step (parameters and BatchNorm statistics)."""
-    from conftest import shared_path
+@pytest.fixture(scope="module")
+def generated_cub(tmp_path_factory):
+    from test_cub_data import write_fake_cub
 
+    return write_fake_cub(tmp_path_factory.mktemp("cub"))
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module: the three runs of a variant compile its steps once."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    before = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (str(tmp_path_factory.mktemp("xla_cache")), 0, 0)):
+        jax.config.update(k, v)
+    yield
+    for k, v in before.items():
+        jax.config.update(k, v)
+
+
+@pytest.mark.slow  # each variant compiles a train and an evaluation step of one to two backbones: minutes on 2 cores
+@pytest.mark.parametrize("backbone,row", [(b, r) for b in cub_config.BACKBONES for r in cub_config.ROWS])
+def test_every_tiny_variant_trains_and_resumes_bit_identically(backbone, row, generated_cub, compilation_cache,
+                                                              tmp_path):
+    """configs/cub.py ``<backbone>,<row>,tiny`` (random weights, 64 px) on a generated folder: 2 steps in one go
+    equal 1 step, a stop and a resumed step, parameters and BatchNorm statistics (of every part network) alike."""
     from stn_jax.paper import train
 
-    source = shared_path("data/cub_200_2011_sample/CUB_200_2011")
-    config = cub_config.get_config("efficientnet_lite0,cnn224,tiny")
-    config.data.source = str(source)
+    config = cub_config.get_config(f"{backbone},{row},tiny")
+    config.data.source = str(generated_cub)
     config.data.cache_dir = str(tmp_path / "cache")
     train.train_and_evaluate(config, tmp_path / "straight")
     config.total_steps = 1
@@ -92,6 +110,7 @@ def test_tiny_runs_train_and_resume_bit_identically_with_batch_statistics(tmp_pa
         return train.restore_latest(run, train.checkpoint_manager(workdir, 3, create=False), run.setup.state)
 
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert int(a.step) == int(b.step) == 2
     stats = jax.tree.leaves(a.model_state)
     assert stats, "the CUB model has BatchNorm statistics"
     for x, y in zip(jax.tree.leaves((a.params, a.model_state)), jax.tree.leaves((b.params, b.model_state))):

@@ -26,6 +26,10 @@ Details (paper Appendix A.6 as reported second-hand [S], our choices [U]):
   parts of the image [S]: two crops on the upper and lower halves, four on the
   quadrants [U].
 * Head [S]: dropout 0.7 before the one softmax layer (``num_classes``).
+* The N part networks are one module whose variables carry a leading axis N
+  (`stack_modules`), run with `nnx.vmap`: the same numbers as N separate
+  networks (each its own weights and BatchNorm statistics), one part network's
+  graph to compile.
 
 The paper reports accuracy; `ModelSpec.paper` holds the error (100 - accuracy) under
 the keys ``("cub224", "")`` / ``("cub448", "attention")`` etc., one per Table 3 row.
@@ -124,7 +128,9 @@ class CubSTCNN(nnx.Module):
         fmap = jax.eval_shape(lambda: loc_backbone.feature_map(jnp.zeros((1, crop_size, crop_size, 3))))
         loc_backbone.train()
         self.loc = as_localisation(_LocHead(loc_backbone, fmap.shape[1:], loc_channels, loc_hidden, n, rngs=rngs))
-        self.parts = nnx.List([maker.make(rngs) for _ in range(n)])
+        # The N part networks are one module whose variables have a leading axis N, run with `nnx.vmap`:
+        # the compiled step holds one part network's graph instead of N (compile time), same numbers.
+        self.parts = stack_modules([maker.make(rngs) for _ in range(n)])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.fc = nnx.Linear(n * maker.spec.num_features, num_classes, rngs=rngs)
 
@@ -132,18 +138,30 @@ class CubSTCNN(nnx.Module):
         _check_input(x, self.input_shape, "CubSTCNN")
         small = pool(x, self.downsample, kind="avg") if self.downsample > 1 else x
         translations = self.loc(self.preprocess(small)).reshape(x.shape[0], self.num_transformers, 2)
-        thetas, crops, features = [], [], []
-        for k, part in enumerate(self.parts):
+        thetas, crops = [], []
+        for k in range(self.num_transformers):
             theta = jnp.concatenate([jnp.full((x.shape[0], 1), self.scale, x.dtype), translations[:, k]], -1)
             grid = stn_jax.attention_grid(theta, (self.crop_size, self.crop_size))
-            crop = stn_jax.grid_sample(x, grid)
             thetas.append(theta)
-            crops.append(crop)
-            features.append(part(self.preprocess(crop)).features)
-        logits = self.fc(self.dropout(jnp.concatenate(features, -1)))
+            crops.append(stn_jax.grid_sample(x, grid))
+        features = _part_features(self.parts, self.preprocess(jnp.stack(crops)))  # (N, B, F)
+        logits = self.fc(self.dropout(jnp.concatenate(list(features), -1)))
         if not return_aux:
             return logits
         return logits, {"theta": thetas, "warped": crops, "identity_penalty": jnp.zeros(())}
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """Modules of one structure -> one module whose every variable (parameters, BatchNorm statistics,
+    random-number streams) gains a leading axis, module k's values at index k; run it with `nnx.vmap`."""
+    graphdef = nnx.graphdef(modules[0])
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules]))
+
+
+@nnx.vmap(in_axes=(0, 0), out_axes=0)
+def _part_features(part: nnx.Module, crops: jax.Array) -> jax.Array:
+    """Part network k on crops k: stacked parts, ``(N, B, S, S, 3)`` -> pooled features ``(N, B, F)``."""
+    return part(crops).features
 
 
 class _LocHead(nnx.Module):
