@@ -29,11 +29,12 @@ Expected (Table 3, accuracy % on all 200 classes): CNN 224 px 82.3, 2xST-CNN 224
 EfficientNet-Lite0 (its table goes to docs/results.md):
 
     python -m experiments.reproduce cub --source ../shared/data/cub_200_2011_sample/CUB_200_2011 --seeds 1 \
-        --steps 225 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01 \
+        --steps 113 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01 \
         --workroot workdirs/cub30
 
-Time per step on the 2-core CPU (batch 8, docs/benchmarks.md): CNN 224 px 4.8 s, 2xST-CNN
-448 px 13.4 s, so 225 steps (two epochs of the 900 training images) take about 20 and 55 minutes.
+Time per step on the idle 2-core CPU (batch 8, docs/benchmarks.md): CNN 224 px 4.8 s, 2xST-CNN
+448 px 13.4 s, so 113 steps (one epoch of the 900 training images) take about 10 and 25 minutes
+plus the test pass; results and wall times in docs/results.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
     python -m experiments.reproduce table1 --dry_run      # list the runs and which are done
     python -m experiments.reproduce addition --steps 3000 --models add_fcn,add_2st_fcn   # some cells only
     python -m experiments.reproduce cub --source ../shared/data/cub_200_2011_sample/CUB_200_2011 --seeds 1 \
-        --steps 225 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01
+        --steps 113 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01
     python -m experiments.reproduce svhn --source ../shared/data/mnist --steps 1500 --batch_size 32 --decays 1 \
         --set model.options.width_multiplier=0.125       # the synthetic SVHN study (docs/results.md)
 

@@ -202,7 +202,7 @@ def test_relu_layers_start_with_he_initialisation():
     from stn_jax.paper.models import svhn
 
     model = models.create_model("svhn_cnn", input_shape=(64, 64, 3), num_classes=11, rngs=nnx.Rngs(0),
-                                width_multiplier=0.5)
+                                width_multiplier=0.25)
     blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, (svhn.ConvBlock, svhn.DenseBlock))]
     assert len(blocks) == 10
     for block in blocks:
