@@ -33,8 +33,16 @@ Expected result, the paper's Table 2 (sequence error %) [P]:
     ST-CNN Single    3.7   3.9
     ST-CNN Multi     3.6   3.9
 
-Expected wall time: not measured (full-width models have 23-72M parameters,
-docs in `stn_jax.paper.models.svhn`; full runs want an accelerator).
+Expected wall time: full-width models (23-72M parameters, `stn_jax.paper.models.svhn`)
+take 6.3-6.5 s per batch-128 step on the 2-core CPU (docs/benchmarks.md): the
+paper's 400k steps want an accelerator. The offline study (docs/results.md: all
+six cells on ``synthetic`` at width 0.125, 1,200 steps of batch 32, Adam; 4-46
+minutes a run on the shared 2-core CPU, 1.8 hours in all; CNN 67.1 % sequence
+error at 64 px, every model 96-97 % at 128 px):
+
+    python -m experiments.reproduce svhn --source ../shared/data/mnist --seeds 1 --steps 1200 \
+        --batch_size 32 --decays 1 --evals 2 --set model.options.width_multiplier=0.125 \
+        model.options.dropout=0.0 optimizer.name=adam optimizer.learning_rate=0.001 --workroot workdirs/svhn_study
 """
 
 from __future__ import annotations
