@@ -461,7 +461,18 @@ def _pictures(rows: list[dict]) -> None:
         pictures = sorted((ROOT / r["workdir"] / "images").glob("transformer_step*.png"))
         if pictures:
             seen.add(picture_name(r))
-            shutil.copyfile(pictures[-1], IMAGES / picture_name(r))
+            _copy_picture(pictures[-1], IMAGES / picture_name(r))
+
+
+def _copy_picture(source: Path, target: Path, max_width: int = 700) -> None:
+    """Copies a PNG, shrunk to ``max_width`` pixels wide when wider (SVHN 128 px and CUB panels), for the docs."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        if im.width <= max_width:
+            shutil.copyfile(source, target)
+            return
+        im.resize((max_width, round(im.height * max_width / im.width)), Image.LANCZOS).save(target, optimize=True)
 
 
 def write_page(rows: list[dict]) -> None:
