@@ -301,19 +301,23 @@ def svhn_table(rows: list[dict]) -> str:
                         if errors[64] and errors[128] else "–")
                 paper = paper_error("svhn128", model, transform) - paper_error("svhn64", model, transform)
                 out.append(f"| {display_name(model, transform)} | " + " | ".join(cells) + f" | {ours} / {paper:+.1f} |")
-            task_runs = [r for r in runs if r["task"] == task]
-            wall = [r["wall_time_s"] for r in task_runs]
-            out.append(f"\n{len(task_runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s, total "
-                       f"{sum(wall) / 3600:.1f} h on {task_runs[0]['machine']}, jax "
-                       f"{task_runs[0]['versions'].get('jax', '?')}; seeds {sorted({r['seed'] for r in task_runs})}.\n")
-            out.append("<details><summary>Every run</summary>\n")
-            out.append("| run | seed | sequence error % | test loss | wall s | command |")
-            out.append("|---|---|---|---|---|---|")
-            for r in sorted(task_runs, key=lambda r: (r["arg"], r["seed"])):
-                out.append(f"| {r['arg']} | {r['seed']} | {100 * r['test_error']:.2f} | {r['test_loss']:.4f} | "
-                           f"{r['wall_time_s']:.0f} | `{r['command']}` |")
-            out.append("\n</details>\n")
+            out += _run_details([r for r in runs if r["task"] == task], "sequence error %",
+                                lambda r: 100 * r["test_error"])
     return "\n".join(out)
+
+
+def _run_details(runs: list[dict], score_name: str, score) -> list[str]:
+    """A study table's footer: run count, wall times, machine, seeds, and every run with its command."""
+    wall = [r["wall_time_s"] for r in runs]
+    out = [f"\n{len(runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s, total {sum(wall) / 3600:.1f} h "
+           f"on {runs[0]['machine']}, jax {runs[0]['versions'].get('jax', '?')}; seeds "
+           f"{sorted({r['seed'] for r in runs})}.\n",
+           "<details><summary>Every run</summary>\n",
+           f"| run | seed | {score_name} | test loss | wall s | command |", "|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["arg"], r["seed"])):
+        out.append(f"| {r['arg']} | {r['seed']} | {score(r):.2f} | {r['test_loss']:.4f} | {r['wall_time_s']:.0f} | "
+                   f"`{r['command']}` |")
+    return out + ["\n</details>\n"]
 
 
 def cub_table(rows: list[dict]) -> str:
@@ -333,16 +337,7 @@ def cub_table(rows: list[dict]) -> str:
             accuracy = _stats([1 - r["test_error"] for r in rs])
             out.append(f"| {display_name(rs[0]['model'], rs[0]['transform'])} | {backbone} | {size} px | {accuracy} | "
                        f"{'-' if paper is None else f'{100 - paper:.1f}'} |")
-        wall = [r["wall_time_s"] for r in runs]
-        out.append(f"\n{len(runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s on {runs[0]['machine']}, "
-                   f"jax {runs[0]['versions'].get('jax', '?')}; seeds {sorted({r['seed'] for r in runs})}.\n")
-        out.append("<details><summary>Every run</summary>\n")
-        out.append("| run | seed | accuracy % | test loss | wall s | command |")
-        out.append("|---|---|---|---|---|---|")
-        for r in sorted(runs, key=lambda r: (r["arg"], r["seed"])):
-            out.append(f"| {r['arg']} | {r['seed']} | {100 * (1 - r['test_error']):.2f} | {r['test_loss']:.4f} | "
-                       f"{r['wall_time_s']:.0f} | `{r['command']}` |")
-        out.append("\n</details>\n")
+        out += _run_details(runs, "accuracy %", lambda r: 100 * (1 - r["test_error"]))
     return "\n".join(out)
 
 
