@@ -266,3 +266,13 @@ def for_each_padding(sample, **options):
     import jax
 
     return jax.jit(lambda x, grid: [sample(x, grid, padding_mode=p, **options) for p in PADDINGS])
+
+
+@pytest.fixture
+def cheap_compilation():
+    """XLA with most optimisations off during a test (a whole module: ``pytestmark =
+    pytest.mark.usefixtures("cheap_compilation")``): values the same to float tolerance, faster compilation."""
+    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)

@@ -491,14 +491,6 @@ def test_other_config_files_resolve_by_default():
         assert r.model.name in MODELS and r.data.task in TASKS, name
 
 
-@pytest.fixture
-def cheap_compilation():
-    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 @pytest.mark.parametrize("family", TINY)
 def test_tiny_variant_of_each_family_trains_a_step(family, synthetic_mnist, tmp_path, cheap_compilation):
     """One step of the family's tiny config end to end (data, model, objective, checkpoint, evaluation)."""

@@ -23,12 +23,7 @@ from stn_jax.paper.objectives import create_objective
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compilation():
-    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("cheap_compilation")
 
 
 def _config_module():

@@ -92,12 +92,7 @@ def _train_params() -> list:
 TRAIN_PARAMS = _train_params()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _cheap_compilation():
-    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("cheap_compilation")
 
 
 def _rngs(seed: int = 0) -> nnx.Rngs:
