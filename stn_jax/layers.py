@@ -55,6 +55,7 @@ import numpy as np
 from flax import nnx
 
 from stn_jax import sampler, transforms
+from stn_jax.conv import conv_general_dilated
 from stn_jax.coords import PADDING_MODES, as_size, check_bool
 
 __all__ = [
@@ -245,7 +246,8 @@ class ConvBody(nnx.Module):
 
     The defaults are the paper's ST-CNN localisation network (paper Sect. 4.1 [S],
     [R]): the input downsampled 2x, conv 20 filters 5x5 (valid), max-pool 2,
-    conv 20 filters 5x5 (valid), FC 20. Pools here use floor mode.
+    conv 20 filters 5x5 (valid), FC 20. Pools here use floor mode. 2-D convs are
+    computed as patches x kernel on CPU (`stn_jax.conv`).
 
     Args:
       input_shape: per-example ``(H, W, C)`` or ``(D, H, W, C)``.
@@ -296,7 +298,8 @@ class ConvBody(nnx.Module):
                 raise ValueError(
                     f"ConvBody: input {input_shape} is too small for this localisation network "
                     f"(downsample={downsample}, channels={channels}, kernel {kernel_size}, padding {padding})")
-            convs.append(nnx.Conv(cin, c, (kernel_size,) * nd, padding=padding, rngs=rngs))
+            convs.append(nnx.Conv(cin, c, (kernel_size,) * nd, padding=padding,
+                                  conv_general_dilated=conv_general_dilated, rngs=rngs))
             cin = c
             if p:
                 size = [pooled_size(n, 2, False) for n in size]

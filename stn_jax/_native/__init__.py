@@ -1,15 +1,16 @@
-"""Optional native CPU kernels for the interpolation primitives.
+"""Optional native CPU kernels: the interpolation primitives and convolution patches.
 
-``sampler.cc`` is compiled on first use with the system C++ compiler against
-the XLA FFI headers shipped with jaxlib, cached under ``$STN_JAX_CACHE`` (default
-``~/.cache/stn_jax``) keyed by the source, jaxlib version and CPU, and
-registered as XLA custom calls. It speeds up float32 sampling on CPU (XLA:CPU
-re-fuses index arithmetic into every gather and scatter, see
-docs/benchmarks.md); GPU and TPU use the XLA lowering.
+``sampler.cc`` and ``patches.cc`` are compiled on first use with the system C++
+compiler against the XLA FFI headers shipped with jaxlib, into one library
+cached under ``$STN_JAX_CACHE`` (default ``~/.cache/stn_jax``) keyed by the
+sources, jaxlib version and CPU, and registered as XLA custom calls. They speed
+up float32 sampling on CPU (XLA:CPU re-fuses index arithmetic into every gather
+and scatter, see docs/benchmarks.md) and the patch extraction of
+`stn_jax.conv`; GPU and TPU use the XLA lowerings.
 
-If there is no compiler, the build fails, or ``STN_JAX_CPU_SAMPLER=xla`` is
-set, the pure-XLA lowering is used instead, with identical semantics (a
-warning says why, once).
+If there is no compiler, the build fails, or (for the sampler)
+``STN_JAX_CPU_SAMPLER=xla`` is set, the pure-XLA lowerings are used instead,
+with identical semantics (a warning says why, once).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from pathlib import Path
 import jax
 
 _log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("sampler.cc")
-_TARGETS = {"interp": "StnInterpF32", "spread": "StnSpreadF32"}
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("sampler.cc", "patches.cc"))
+_HEADERS = (Path(__file__).with_name("parallel.h"),)
+_TARGETS = {"interp": "StnInterpF32", "spread": "StnSpreadF32",
+            "patches": "StnPatchesF32", "unpatches": "StnUnpatchesF32"}
 CPU_SAMPLERS = ("native", "xla")
 # GCC's auto-vectoriser turns the tiny per-corner loops into slow shuffles (1.5x slower);
 # the per-axis factor loops are vectorised explicitly (`#pragma omp simd`).
@@ -54,7 +57,7 @@ def _build() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    source = _SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + jax.__version__.encode()
                          + _cpu_fingerprint().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("STN_JAX_CACHE", Path.home() / ".cache" / "stn_jax"))
@@ -64,7 +67,7 @@ def _build() -> Path:
         return target
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = Path(tmp) / target.name
-        cmd = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", str(out)]
+        cmd = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", str(out)]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -82,7 +85,7 @@ def _load() -> bool:
                                                 platform="cpu")
                 _state["ok"] = True
             except Exception as e:  # noqa: BLE001 - any failure means: use the XLA lowering
-                _log.warning("stn_jax: native CPU sampler unavailable, using the XLA lowering (%s)", e)
+                _log.warning("stn_jax: native CPU kernels unavailable, using the XLA lowerings (%s)", e)
                 _state["ok"] = False
         return bool(_state["ok"])
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from stn_jax.conv import conv_general_dilated
 from stn_jax.layers import Flatten, pool, pooled_size
 
 
@@ -42,9 +43,10 @@ class CNNClassifier(nnx.Module):
     """conv KxK (valid) -> ReLU -> max-pool 2 -> conv KxK (valid) -> ReLU -> max-pool 2 -> FC(num_classes).
 
     Kernel sizes `KERNELS` (the paper's 9x9 and 7x7); both convs have ``width``
-    filters. The max-pools use ceil mode (an incomplete last window is kept),
-    which makes the paper's RTS shapes work (42 -> avg-pool 21 -> conv 13 ->
-    pool 7 -> conv 1 -> pool 1); see docs/models.md.
+    filters, computed as patches x kernel on CPU (`stn_jax.conv`). The max-pools
+    use ceil mode (an incomplete last window is kept), which makes the paper's
+    RTS shapes work (42 -> avg-pool 21 -> conv 13 -> pool 7 -> conv 1 -> pool 1);
+    see docs/models.md.
     """
 
     KERNELS = (9, 7)
@@ -54,8 +56,9 @@ class CNNClassifier(nnx.Module):
         feat = self.feature_shape(input_shape, width)
         self.input_shape, self.width = input_shape, int(width)
         k1, k2 = self.KERNELS
-        self.conv1 = nnx.Conv(input_shape[-1], width, (k1, k1), padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(width, width, (k2, k2), padding="VALID", rngs=rngs)
+        conv = dict(padding="VALID", conv_general_dilated=conv_general_dilated, rngs=rngs)
+        self.conv1 = nnx.Conv(input_shape[-1], width, (k1, k1), **conv)
+        self.conv2 = nnx.Conv(width, width, (k2, k2), **conv)
         self.flatten = Flatten(3)
         self.out = nnx.Linear(math.prod(feat), num_classes, rngs=rngs)
 
