@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -280,6 +282,15 @@ def test_tiny_run_encoder_frozen_and_resume(encoder_run, synthetic_mnist, tmp_pa
     again = train.evaluate_checkpoint(_tiny_config(synthetic_mnist, encoder_run, 6), workdir)
     np.testing.assert_allclose(again["localised"], longer["localised"])
     np.testing.assert_allclose(again["loss"], longer["loss"], rtol=1e-5)
+    # The picture of the boxes over training (paper Fig. 4): step 0 and every kept checkpoint.
+    figure = [sys.executable, "-m", "experiments.coloc_figure", "--images=2"]
+    out = subprocess.run([*figure, f"--workdir={workdir}", f"--out={tmp_path / 'steps.png'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(steps [0, 2, 4, 6])" in out.stdout and (tmp_path / "steps.png").stat().st_size > 0
+    bad = subprocess.run([*figure, f"--workdir={tmp_path}", f"--out={tmp_path / 'no.png'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 1 and "has no config.json" in bad.stderr
 
 
 def test_model_options_and_parameter_count(encoder_run):
