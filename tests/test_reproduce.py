@@ -155,3 +155,33 @@ def test_runs_with_other_overrides_are_a_separate_budget():
     assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST)\n" in text
     assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST); optimizer.name=adam\n" in text
     assert "| FCN | 90.00 / 47.7 |" in text and "| FCN | 50.00 / 47.7 |" in text
+
+
+def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp_path, monkeypatch):
+    def coloc_row(arg, seed, localised, final=None):
+        r = dict(row("coloc_set", "coloc_st", "attention", seed, 0.0, steps=300, batch_size=100,
+                      config="colocalisation"), arg=arg, localised=localised, mean_iou=0.25)
+        del r["test_error"], r["test_loss"]
+        return dict(r, final_eval=final) if final else r
+
+    end = {"scale": 0.5, "centre_error_px": 2.0, "centred": 1.0}
+    rows = [coloc_row("t,3", 0, 0.5, end), coloc_row("t,3", 1, 1.0, dict(end, scale=0.3)), coloc_row("tc,0", 0, 0.0)]
+    text = reproduce.coloc_table(rows)
+    assert "| T | seeds run | 0 | 0 | 0 | 2 |" in text
+    lines = {line.rsplit("|", 12)[0]: line for line in text.splitlines() if line.startswith("| T")}
+    assert "| T | localised % | – | – | – | 75 |" in text and lines["| T | localised % "].endswith("| – | 100 |")
+    assert lines["| T | mean IoU "].endswith("| – |  |")  # the paper's number only on the localised row
+    assert "| T | crop half-side s (digit frame: 0.33) | – | – | – | 0.40 |" in text
+    assert "| T | `centred` % (diagnostic: a digit-sized box at the crop's centre) | – | – | – | 100 |" in text
+    assert "| TC | localised % | 0 | –" in text and "| TC | mean IoU | 0.250 |" in text
+    assert "| TC | crop half-side s (digit frame: 0.33) | – |" in text  # an older row without its final evaluation
+    # The final evaluation is read from the run's metrics (the last line with test metrics).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "test_scale": 0.9}\n{"step": 2, "loss": 1}\n'
+                                       '{"step": 2, "test_scale": 0.7, "test_centred": 0.5}\n')
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    assert reproduce.final_eval(run.relative_to(tmp_path)) == {"scale": 0.7, "centred": 0.5}
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n')
+    with pytest.raises(RuntimeError, match="no test evaluation"):
+        reproduce.final_eval(run)
