@@ -187,6 +187,18 @@ def _versions(workdir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def code_commit() -> str:
+    """The git commit the runs are made with (``+changes`` when the library, configs or runners differ from it)."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "stn_jax", "configs", "experiments") else "")
+
+
 def relative_to_root(path: str) -> str:
     """``path`` relative to the project root (the runs' working directory), so recorded commands paste anywhere."""
     return path if path == "tfds" else os.path.relpath(Path(path).absolute(), ROOT)
@@ -222,7 +234,7 @@ def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
                 **({"overrides": overrides} if overrides else {}), **result, wall_time_s=round(wall, 1),
                 resumed=resumed, workdir=str(workdir),
                 date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()} CPUs",
-                versions=_versions(ROOT / workdir),
+                versions=_versions(ROOT / workdir), commit=code_commit(),
                 command="python -m experiments.train " + " ".join(command[3:]))
 
 

@@ -185,3 +185,11 @@ def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n')
     with pytest.raises(RuntimeError, match="no test evaluation"):
         reproduce.final_eval(run)
+
+
+def test_rows_record_the_code_commit(tmp_path, monkeypatch):
+    import re
+
+    assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?|unknown \(not a git checkout\)", reproduce.code_commit())
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)  # not a git checkout
+    assert reproduce.code_commit() == "unknown (not a git checkout)"

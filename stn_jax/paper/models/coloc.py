@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stn_jax.conv import conv_general_dilated
 from stn_jax.layers import Bound, Flatten, LocalisationParam, SpatialTransformer, count_params, pool, pooled_size
 from stn_jax.paper import coloc as C
 from stn_jax.paper.models import ModelSpec, PaperModel, module_params, register, solve_width
@@ -48,7 +49,7 @@ class ColocLocalisation(nnx.Module):
                  pool: int = 2, fc: Sequence[int] = (8, 8), *, rngs: nnx.Rngs):
         h, w, c = (int(s) for s in input_shape)
         self.conv = nnx.Conv(c, int(channels), (int(kernel_size),) * 2, strides=int(stride), padding="VALID",
-                             rngs=rngs)
+                             conv_general_dilated=conv_general_dilated, rngs=rngs)
         size = [(n - int(kernel_size)) // int(stride) + 1 for n in (h, w)]
         self.pool_size = int(pool)
         if self.pool_size > 1:
@@ -148,8 +149,8 @@ class FrozenCNN(nnx.Module):
 
     def __call__(self, x):
         w = lambda v: jax.lax.stop_gradient(v.get_value())
-        conv = lambda x, k, b: jax.lax.conv_general_dilated(x, w(k), (1, 1), "VALID",
-                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + w(b)
+        conv = lambda x, k, b: conv_general_dilated(x, w(k), (1, 1), "VALID",
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC")) + w(b)
         h1 = pool(jax.nn.relu(conv(x, self.conv1_kernel, self.conv1_bias)), 2, kind="max", ceil=True)
         h2 = pool(jax.nn.relu(conv(h1, self.conv2_kernel, self.conv2_bias)), 2, kind="max", ceil=True)
         flat = lambda a: a.reshape(a.shape[0], math.prod(a.shape[1:]))
