@@ -293,11 +293,13 @@ def coloc_table(rows: list[dict]) -> str:
         out.append(f"\n{len(runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s on {runs[0]['machine']}; "
                    f"seeds {sorted({r['seed'] for r in runs})}.\n")
         out.append("<details><summary>Every run</summary>\n")
-        out.append("| run | seed | localised % | mean IoU | wall s | command |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| run | seed | localised % | mean IoU | final s | centre error px | commit | wall s | command |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for r in sorted(runs, key=lambda r: (r["arg"], r["seed"])):
-            out.append(f"| {r['arg']} | {r['seed']} | {100 * r['localised']:.0f} | {r['mean_iou']:.3f} | "
-                       f"{r['wall_time_s']:.0f} | `{r['command']}` |")
+            end = r.get("final_eval", {})
+            scale, off = (f"{end[k]:.2f}" if k in end else "–" for k in ("scale", "centre_error_px"))
+            out.append(f"| {r['arg']} | {r['seed']} | {100 * r['localised']:.0f} | {r['mean_iou']:.3f} | {scale} | "
+                       f"{off} | {r.get('commit', '–')} | {r['wall_time_s']:.0f} | `{r['command']}` |")
         out.append("\n</details>\n")
     return "\n".join(out)
 
