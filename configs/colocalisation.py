@@ -31,10 +31,11 @@ half side s) has IoU > 0.5 with the digit's 28x28 frame.
 
 Paper result: T 100% for every class; TC 75-93% depending on the class (per-class
 table not available); class 8 localised by SGD step 180 (Fig. 4).
-Measured (docs/coloc.md; T, class 8, 300 steps, about 3 minutes on the shared 2-core CPU once
-the encoder exists): **localised 0.00**, mean IoU 0.086: every crop is centred on its digit
-(1.3 px mean error) but grows to the whole image (s = 1.14). TC (class 8): the crops leave
-the image (0.00). The paper's result is not reproduced.
+Measured (docs/coloc.md: every class x {T, TC} x 3 seeds, 300 steps, 35-60 s a run on the
+2-core CPU once the encoder exists): **no image localised in any of the 60 runs**. On T, 6 runs
+centre every crop on its digit but grow it past the image (s = 1.14-1.17), 24 collapse onto
+empty corners (s = 0.1); on TC every run ends with the largest crop (s = 1.2) in a corner.
+The paper's result is not reproduced.
 """
 
 from __future__ import annotations

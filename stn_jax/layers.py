@@ -156,8 +156,8 @@ def pool(x: jax.Array, window: int, *, kind: str = "max", spatial_dims: int = 2,
             views = [jnp.maximum(a, b) for a, b in zip(views[::2], views[1::2])] + views[len(views) & ~1:]
         return views[0]
     if any(extra):
-        x = jnp.pad(x, [(0, 0)] * nb + [(0, e) for e in extra] + [(0, 0)], constant_values=-jnp.inf if kind == "max"
-                    else 0.0)
+        fill = -jnp.inf if kind == "max" else 0.0
+        x = jnp.pad(x, [(0, 0)] * nb + [(0, e) for e in extra] + [(0, 0)], constant_values=fill)
     shape = x.shape[:nb] + sum(((o, window) for o in outs), ()) + x.shape[-1:]
     axes = tuple(nb + 2 * i + 1 for i in range(spatial_dims))
     if kind == "max":
