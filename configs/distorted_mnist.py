@@ -28,11 +28,11 @@ Expected result: the paper's Table 1 (test error %; TC from the text):
     ST-CNN TPS    0.7  0.5  0.8  1.1  |
 
 Expected wall time for the full 150k steps of batch 256, measured on the
-2-core CPU of docs/benchmarks.md: the RTS ST-CNN step takes 0.49 s (about 20
-hours per run) but the plain CNN on 42x42 takes 4.1 s (about 7 days), so full
+2-core CPU of docs/benchmarks.md: the RTS ST-CNN step takes 0.11 s (about 4.5
+hours per run) but the plain CNN on 42x42 takes 1.1 s (about 2 days), so full
 runs want a GPU (docs/results.md estimates 15-30 minutes per run there, not
 measured). ``--config.total_steps=N`` shortens any run; our measured results at
-500 steps are in docs/results.md.
+500 and 3,000 steps are in docs/results.md.
 """
 
 from __future__ import annotations
