@@ -12,8 +12,8 @@ image's ``KH x KW`` windows copied into the rows of a matrix (`patches`,
 "im2col") and one matrix product. Its gradients are two more matrix products
 and the transpose of `patches` (`unpatches`, a sum over overlapping windows).
 On the paper's distorted-MNIST CNN (9x9 and 7x7 kernels, 86 filters) a training
-step takes about half the time of XLA:CPU's own convolutions, whose backward
-pass is slow on this layout (docs/benchmarks.md). On GPU and TPU, for other
+step takes 57 % of the time it takes with XLA:CPU's own convolutions, whose
+backward pass is slow on these shapes (docs/benchmarks.md). On GPU and TPU, for other
 dtypes, layouts or options, and when the patch matrix would exceed
 `MAX_PATCH_BYTES`, the call is `jax.lax.conv_general_dilated` itself. The two
 paths agree to float32 rounding (tests/test_conv.py).
