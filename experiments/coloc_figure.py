@@ -35,7 +35,6 @@ def main(argv) -> None:
     import matplotlib
     import ml_collections
     import numpy as np
-    import orbax.checkpoint as ocp
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -56,10 +55,8 @@ def main(argv) -> None:
     n = min(int(FLAGS.images), dataset.test_size)
     everything = dataset.test_examples(np.arange(dataset.test_size))
     manager = train.checkpoint_manager(workdir, config.keep_checkpoints, create=False)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run_.replicated),
-                            run_.setup.state)
     states = [(0, jax.device_put(run_.setup.state, run_.replicated))]
-    states += [(s, manager.restore(s, args=ocp.args.StandardRestore(abstract))) for s in sorted(manager.all_steps())]
+    states += [(s, train.restore_step(run_, manager, s, run_.setup.state)) for s in sorted(manager.all_steps())]
 
     images, boxes = everything["image"], np.asarray(everything["box"])
     size = images.shape[1]

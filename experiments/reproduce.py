@@ -238,12 +238,16 @@ def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
                 command="python -m experiments.train " + " ".join(command[3:]))
 
 
+def _metrics(workdir: Path | str) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (``workdir`` relative to the project root)."""
+    return [json.loads(line) for line in (ROOT / workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def final_eval(workdir: Path) -> dict[str, float]:
     """The run's last test evaluation as recorded in its ``metrics.jsonl`` (``test_`` prefix dropped)."""
-    path = ROOT / workdir / "metrics.jsonl"
-    evals = [json.loads(line) for line in path.read_text().splitlines() if '"test_' in line]
+    evals = [m for m in _metrics(workdir) if any(k.startswith("test_") for k in m)]
     if not evals:
-        raise RuntimeError(f"{path} records no test evaluation")
+        raise RuntimeError(f"{ROOT / workdir / 'metrics.jsonl'} records no test evaluation")
     return {k.removeprefix("test_"): v for k, v in evals[-1].items() if k.startswith("test_")}
 
 
@@ -455,7 +459,7 @@ def _curves(rows: list[dict]) -> None:
         fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.6))
         several_budgets = len({(r["steps"], r["batch_size"]) for r in runs}) > 1
         for r in sorted(runs, key=lambda r: (r["model"], r["transform"], r["seed"], r["steps"])):
-            lines = [json.loads(x) for x in (ROOT / r["workdir"] / "metrics.jsonl").read_text().splitlines()]
+            lines = _metrics(r["workdir"])
             train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
             test = [(m["step"], 100 * m["test_error"]) for m in lines if "test_error" in m]
             label = f"{display_name(r['model'], r['transform'])} s{r['seed']}"

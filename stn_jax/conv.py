@@ -39,6 +39,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from stn_jax import _native
+from stn_jax._interp import _eager
 
 __all__ = ["MAX_PATCH_BYTES", "conv_general_dilated", "patches", "unpatches"]
 
@@ -98,8 +99,8 @@ def _unpatches_abstract(p, *, kernel, strides, image_shape):
 
 patches_p.def_abstract_eval(_patches_abstract)
 unpatches_p.def_abstract_eval(_unpatches_abstract)
-patches_p.def_impl(lambda x, **params: jax.jit(functools.partial(patches_p.bind, **params))(x))
-unpatches_p.def_impl(lambda p, **params: jax.jit(functools.partial(unpatches_p.bind, **params))(p))
+patches_p.def_impl(_eager(patches_p))
+unpatches_p.def_impl(_eager(unpatches_p))
 
 _xla_rules = {patches_p: mlir.lower_fun(_patches_xla, multiple_results=False),
               unpatches_p: mlir.lower_fun(_unpatches_xla, multiple_results=False)}

@@ -290,13 +290,18 @@ def checkpoint_manager(workdir: Path, keep: int, *, create: bool = True) -> ocp.
         max_to_keep=keep, create=create, enable_async_checkpointing=False))
 
 
+def restore_step(run: Run, checkpoints: ocp.CheckpointManager, step: int, state: TrainState) -> TrainState:
+    """The checkpoint of ``step``, restored into the structure of ``state`` (replicated over the run's mesh)."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.replicated), state)
+    return checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def restore_latest(run: Run, checkpoints: ocp.CheckpointManager, state: TrainState) -> TrainState:
     """The newest checkpoint that restores (older ones are tried when the newest is corrupt), or ``state``."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.replicated), state)
     steps = sorted(checkpoints.all_steps(), reverse=True)
     for step in steps:
         try:
-            restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+            restored = restore_step(run, checkpoints, step, state)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
             log.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one", step,
                         checkpoints.directory, type(e).__name__, str(e).splitlines()[0][:200])
