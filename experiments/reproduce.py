@@ -95,8 +95,8 @@ class Cell:
 def _table1(seeds: int) -> list[Cell]:
     cells = []
     for task in TABLE1_TASKS:
-        cells += [Cell("distorted_mnist", task, "fcn", "", 1), Cell("distorted_mnist", task, "cnn", "", seeds),
-                  Cell("distorted_mnist", task, "st_fcn", "affine", 1)]
+        cells += [Cell("distorted_mnist", task, "fcn", "", 1), Cell("distorted_mnist", task, "cnn", "", seeds)]
+        cells += [Cell("distorted_mnist", task, "st_fcn", t, 1) for t in PAPER_TRANSFORMS]
         cells += [Cell("distorted_mnist", task, "st_cnn", t, seeds) for t in PAPER_TRANSFORMS]
     return cells
 
