@@ -18,6 +18,15 @@ dtypes, layouts or options, and when the patch matrix would exceed
 `MAX_PATCH_BYTES`, the call is `jax.lax.conv_general_dilated` itself. The two
 paths agree to float32 rounding (tests/test_conv.py).
 
+Depthwise convolutions (``feature_group_count`` = input channels = output
+channels, an ``HWIO`` kernel of shape ``(KH, KW, 1, C)``; EfficientNet's) are
+computed on the CPU, under the same dtype, layout and dilation conditions, as a
+sum over the ``KH x KW`` taps of strided slices of the padded input times the
+tap's per-channel weights: element-wise work that XLA fuses, where XLA:CPU's
+grouped convolution and above all its gradients are slow (EfficientNet-Lite0's
+16 depthwise layers, batch 8 at 224 px, forward + backward: 5.4 s with
+``lax.conv_general_dilated``, 0.95 s per tap).
+
 `patches` and `unpatches` are JAX primitives: on CPU, float32 ones run native
 kernels (``stn_jax/_native/patches.cc``, plain copies and adds split over
 XLA's thread pool, bit-identical from run to run); elsewhere, and when the
@@ -220,15 +229,54 @@ def _patch_conv(lhs, rhs, window_strides, padding, precision, preferred_element_
                    preferred_element_type=preferred_element_type)
 
 
+def _depthwise_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                            feature_group_count, batch_group_count, extra) -> bool:
+    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
+        return False
+    if batch_group_count != 1 or any(v is not None for v in extra.values()):
+        return False
+    if any(d != 1 for d in (*(lhs_dilation or (1, 1)), *(rhs_dilation or (1, 1)))):
+        return False
+    if dimension_numbers is None or (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                                     != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        return False
+    kh, kw, i, o = rhs.shape
+    if not (feature_group_count == lhs.shape[3] == o > 1 and i == 1):
+        return False
+    pads = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding) if isinstance(padding, str) \
+        else padding
+    h, w = (n + lo + hi for n, (lo, hi) in zip(lhs.shape[1:3], pads))
+    return h >= kh and w >= kw and min(lo for pair in pads for lo in pair) >= 0
+
+
+def _depthwise_conv(lhs, rhs, window_strides, padding):
+    kh, kw, _, c = rhs.shape
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding)
+    if any(lo or hi for lo, hi in padding):
+        lhs = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+    b, h, w, _ = lhs.shape
+    (sh, sw), oh, ow = window_strides, _out_size(h, kh, window_strides[0]), _out_size(w, kw, window_strides[1])
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = lax.slice(lhs, (0, i, j, 0), (b, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c),
+                            (1, sh, sw, 1)) * rhs[i, j, 0]
+            out = tap if out is None else out + tap
+    return out
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None, **extra):
-    """`jax.lax.conv_general_dilated`, computed as patches x kernel on CPU where that applies (module docstring).
+    """`jax.lax.conv_general_dilated`, computed as patches x kernel (or per tap) on CPU where that applies.
 
-    Same arguments and result. The patch path needs 2-D ``NHWC``/``HWIO``/``NHWC``
-    dimension numbers, float32 operands, no dilation, one feature and batch group,
-    non-negative padding and a patch matrix of at most `MAX_PATCH_BYTES`; otherwise,
-    and when lowered for any platform but the CPU, this is ``lax.conv_general_dilated``.
+    Same arguments and result. Both CPU paths need 2-D ``NHWC``/``HWIO``/``NHWC``
+    dimension numbers, float32 operands, no dilation, one batch group and
+    non-negative padding. The patch path needs one feature group and a patch matrix
+    of at most `MAX_PATCH_BYTES`; the per-tap path a depthwise convolution
+    (``feature_group_count`` = input channels = output channels > 1). Otherwise, and
+    when lowered for any platform but the CPU, this is ``lax.conv_general_dilated``.
     """
     window_strides = tuple(window_strides)
     lax_conv = functools.partial(
@@ -236,8 +284,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
         batch_group_count=batch_group_count, precision=precision, preferred_element_type=preferred_element_type,
         **extra)
-    if not _patch_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                               feature_group_count, batch_group_count, extra):
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            batch_group_count, extra)
+    if _depthwise_path_applies(*args):
+        depthwise = functools.partial(_depthwise_conv, window_strides=window_strides, padding=padding)
+        return lax.platform_dependent(lhs, rhs, cpu=depthwise, default=lax_conv)
+    if not _patch_path_applies(*args):
         return lax_conv(lhs, rhs)
     patch_conv = functools.partial(_patch_conv, window_strides=window_strides, padding=padding, precision=precision,
                                    preferred_element_type=preferred_element_type)

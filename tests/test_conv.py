@@ -157,3 +157,76 @@ def test_flax_conv_with_the_patch_path_equals_flax_conv():
     plain = nnx.Conv(2, 5, (5, 5), padding="VALID", rngs=nnx.Rngs(0))
     ours = nnx.Conv(2, 5, (5, 5), padding="VALID", conv_general_dilated=conv.conv_general_dilated, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)
+
+
+DEPTHWISE_CASES = [  # (input shape, kernel shape, strides, padding): EfficientNet's 3x3 / 5x5, stride 1 / 2, TF-SAME
+    ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), "SAME"),
+    ((2, 10, 10, 4), (5, 5, 1, 4), (2, 2), "SAME"),
+    ((3, 8, 7, 3), (3, 2, 1, 3), (2, 1), "VALID"),
+    ((1, 7, 7, 2), (3, 3, 1, 2), (1, 2), ((2, 0), (1, 1))),
+]
+
+
+def _lowered(f, *args, platform: str) -> str:
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", DEPTHWISE_CASES)
+def test_depthwise_conv_is_as_accurate_as_lax_in_values_and_gradients(x_shape, w_shape, strides, padding):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    groups = x_shape[-1]
+
+    def value_and_grads(f, x, w):
+        return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(
+            x, w, strides, padding, dimension_numbers=NHWC, feature_group_count=groups))), (0, 1))
+
+    f = value_and_grads(conv.conv_general_dilated, x, w)
+    assert "convolution" not in _lowered(f, x, w, platform="cpu")  # the per-tap form, forward and backward
+    assert "convolution" in _lowered(f, x, w, platform="cuda")
+    ours, ref32 = jax.jit(f)(x, w), jax.jit(value_and_grads(lax.conv_general_dilated, x, w))(x, w)
+    with jax.enable_x64(True):
+        exact = value_and_grads(lax.conv_general_dilated, x.astype(np.float64), w.astype(np.float64))(
+            x.astype(np.float64), w.astype(np.float64))
+    for a, b, e in zip(jax.tree.leaves(ours), jax.tree.leaves(ref32), jax.tree.leaves(exact)):
+        e = np.asarray(e)
+        err, err_lax = np.abs(np.asarray(a) - e).max(), np.abs(np.asarray(b) - e).max()
+        scale = np.abs(e).max()
+        assert err <= 4 * err_lax + 1e-6 * scale, (err, err_lax)
+        assert err <= 1e-4 * scale
+
+
+def test_depthwise_conv_has_second_derivatives():
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(True):  # the per-tap form is dtype-generic; float64 makes the finite differences sharp
+        x = jnp.asarray(rng.standard_normal((1, 6, 6, 2)))
+        w = jnp.asarray(rng.standard_normal((3, 3, 1, 2)))
+        check_grads(lambda x, w: jnp.sin(conv._depthwise_conv(x, w, (2, 1), "SAME")), (x, w), order=2,
+                    modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("change", ["multiplier", "one_channel", "bfloat16", "nchw"])
+def test_grouped_convs_that_are_not_depthwise_use_lax(change):
+    x, w, groups = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 1, 8)), 4  # channel multiplier 2
+    dims = NHWC
+    if change == "one_channel":
+        x, w, groups = jnp.ones((2, 8, 8, 1)), jnp.ones((3, 3, 1, 1)), 1  # an ordinary convolution: patch path
+    elif change == "bfloat16":
+        x, w = x.astype(jnp.bfloat16), jnp.ones((3, 3, 1, 4), jnp.bfloat16)
+    elif change == "nchw":
+        x, w, dims = jnp.ones((2, 4, 8, 8)), jnp.ones((3, 3, 1, 4)), ("NCHW", "HWIO", "NCHW")
+    f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims,  # noqa: E731
+                                               feature_group_count=groups)
+    text = _lowered(f, x, w, platform="cpu")
+    assert ("convolution" in text) == (change != "one_channel")
+    np.testing.assert_allclose(np.asarray(f(x, w), np.float32), np.asarray(lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=dims, feature_group_count=groups), np.float32), rtol=1e-6)
+
+
+def test_flax_depthwise_conv_with_the_tap_path_equals_flax_conv():
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 11, 11, 3)), jnp.float32)
+    kw = dict(strides=2, padding="SAME", feature_group_count=3, use_bias=False)
+    plain = nnx.Conv(3, 3, (5, 5), **kw, rngs=nnx.Rngs(0))
+    ours = nnx.Conv(3, 3, (5, 5), conv_general_dilated=conv.conv_general_dilated, **kw, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(plain(x)), rtol=1e-5, atol=1e-5)

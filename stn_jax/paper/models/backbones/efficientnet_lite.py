@@ -24,7 +24,9 @@ on the bottom/right), which the reference also implements. The reference compute
 once for a 224-pixel input (``Conv2dStaticSamePadding``); this module computes them from the
 actual input, as TensorFlow does. The two agree whenever height and width are multiples of 32
 (224, 448, 96, ...); for other sizes this module matches the reference built with
-``image_size=None`` (``Conv2dDynamicSamePadding``).
+``image_size=None`` (``Conv2dDynamicSamePadding``). The depthwise convolutions use
+`stn_jax.conv.conv_general_dilated` (per tap on the CPU, several times faster to train than
+XLA:CPU's grouped convolution; XLA's own elsewhere).
 
 Parameters: 4,652,008 with the 1000-way classifier, 3,371,008 without (the weights file's
 4,694,073 also counts the BatchNorm buffers).
@@ -40,6 +42,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from stn_jax.conv import conv_general_dilated
 
 from ._common import BackboneOutput, batch_norm, global_avg_pool, torch_momentum
 
@@ -91,7 +95,8 @@ class MBConvBlock(nnx.Module):
             self.expand_conv = None
             self.bn0 = None
         self.depthwise_conv = nnx.Conv(mid, mid, (kernel, kernel), strides=stride, padding="SAME",
-                                       feature_group_count=mid, use_bias=False, dtype=dtype, rngs=rngs)
+                                       feature_group_count=mid, use_bias=False, dtype=dtype,
+                                       conv_general_dilated=conv_general_dilated, rngs=rngs)
         self.bn1 = batch_norm(mid, **bn)
         self.project_conv = nnx.Conv(mid, cout, (1, 1), use_bias=False, padding="VALID", dtype=dtype, rngs=rngs)
         self.bn2 = batch_norm(cout, **bn)
