@@ -26,6 +26,7 @@ from stn_jax.paper.models.backbones import (
     BNInception,
     EfficientNetLite0,
     StateDictMismatch,
+    _common,
     bn_inception,
     build_from_torch_state_dict,
     create_backbone,
@@ -211,6 +212,55 @@ def test_bninception_parity_train_mode(bni_pair):
     assert out.feature_map.shape == (2, 4, 4, 1024)
     np.testing.assert_allclose(np.asarray(out.logits), logits, rtol=0, atol=TOL)
     _check_running_stats(ref, view, bn_inception.torch_name_map())
+
+
+def test_backbones_input_gradients_match_pytorch(lite_pair, bni_pair):
+    """d(sum(logits * r)) / d(image) against autograd: every layer's backward pass (pooling, depthwise).
+
+    With running statistics: through training-mode BatchNorm on random weights the float32
+    gradient is ill-conditioned (PyTorch's own float32 and float64 gradients differ by 3 %).
+    """
+    torch = _torch()
+    for ref, model in (lite_pair, bni_pair):
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+        if isinstance(model, BNInception):  # its own forward average-pools 7x7 (224 px input only)
+            logits = ref.last_linear(ref.features(x).mean((2, 3)))
+        else:
+            logits = ref(x)
+        r = torch.randn(logits.shape, generator=torch.Generator().manual_seed(9))
+        (logits * r).sum().backward()
+        grad = nnx.grad(lambda m, x: jnp.sum(m(x).logits * jnp.asarray(r.numpy())), argnums=1)(
+            model, _nhwc(x.detach()))
+        want = x.grad.numpy().transpose(0, 2, 3, 1)
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(np.asarray(grad), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("shape,window,stride,padding,ceil", [
+    ((2, 9, 9, 3), 3, 2, 0, True), ((1, 10, 7, 2), 3, 2, 0, True), ((2, 6, 6, 2), 3, 1, 1, True),
+    ((1, 8, 8, 1), 3, 2, 0, False), ((1, 5, 5, 2), 2, 2, 1, False)])
+def test_pytorch_pooling_values_and_gradients(shape, window, stride, padding, ceil):
+    """`max_pool` against ``reduce_window``'s max (ceil-mode shapes computed by hand), and the 3x3 average."""
+    x = jnp.asarray(np.random.default_rng(10).standard_normal(shape), jnp.float32)  # no ties
+    out_sizes = []
+    for n in shape[1:3]:
+        span = n + 2 * padding - window
+        out = (-(-span // stride) if ceil else span // stride) + 1
+        out_sizes.append(out - 1 if ceil and (out - 1) * stride >= n + padding else out)
+    pads = [(0, 0)] + [(padding, (o - 1) * stride + window - n - padding) for n, o in zip(shape[1:3], out_sizes)]
+    crop = tuple(slice(0, n + min(hi, 0)) for n, (_, hi) in zip(shape[1:3], pads[1:]))  # JAX's gradient of
+    pads = [(lo, max(hi, 0)) for lo, hi in pads] + [(0, 0)]  # reduce_window fails on negative padding
+    reference = lambda x: jax.lax.reduce_window(x[:, crop[0], crop[1]], -jnp.inf, jax.lax.max,  # noqa: E731
+                                                (1, window, window, 1), (1, stride, stride, 1), pads)
+    ours = lambda x: _common.max_pool(x, window, stride, padding=padding, ceil=ceil)  # noqa: E731
+    r = jnp.asarray(np.random.default_rng(11).standard_normal((shape[0], *out_sizes, shape[3])), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(reference(x)))
+    np.testing.assert_array_equal(np.asarray(jax.grad(lambda x: jnp.sum(ours(x) * r))(x)),
+                                  np.asarray(jax.grad(lambda x: jnp.sum(reference(x) * r))(x)))
+    box = jnp.full((3, 3, 1, shape[3]), 1 / 9, jnp.float32)  # count_include_pad: every window divided by 9
+    want = jax.lax.conv_general_dilated(x, box, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=shape[3])
+    np.testing.assert_allclose(np.asarray(_common.avg_pool_3x3_count_pad(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_bninception_from_legacy_file(bni_pair, tmp_path):

@@ -65,8 +65,10 @@ def max_pool(x: jax.Array, window: int, stride: int, *, padding: int = 0, ceil: 
         if ceil and (out - 1) * stride >= n + padding:
             out -= 1
         pads.append((padding, (out - 1) * stride + window - n - padding))
-    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, window, window, 1),
-                                 (1, stride, stride, 1), [(0, 0), *pads, (0, 0)])
+    views = _window_views(x, window, stride, pads, -jnp.inf)
+    while len(views) > 1:
+        views = [jnp.maximum(a, b) for a, b in zip(views[::2], views[1::2])] + views[len(views) & ~1:]
+    return views[0]
 
 
 def avg_pool_3x3_count_pad(x: jax.Array) -> jax.Array:
@@ -75,9 +77,25 @@ def avg_pool_3x3_count_pad(x: jax.Array) -> jax.Array:
     Every window is divided by 9, zeros of the padding included (ceil mode changes nothing at
     stride 1).
     """
-    total = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
-                                  [(0, 0), (1, 1), (1, 1), (0, 0)])
-    return total / 9.0
+    return sum(_window_views(x, 3, 1, [(1, 1), (1, 1)], 0.0)) / 9.0
+
+
+def _window_views(x: jax.Array, window: int, stride: int, pads, fill: float) -> list[jax.Array]:
+    """The ``window ** 2`` strided views of the padded ``x`` whose element-wise reduction pools it.
+
+    ``pads`` are ``(low, high)`` per spatial axis, filled with ``fill``; a negative ``high`` crops.
+
+    View ``(i, j)`` holds, at output position ``(y, x)``, the pixel at offset ``(i, j)`` of that
+    window. Reducing views (pairwise maxima, a sum) fuses into one pass and differentiates into
+    element-wise work, where ``reduce_window``'s gradient (``select_and_scatter``) is slow on CPU.
+    """
+    x = x[:, :x.shape[1] + min(pads[0][1], 0), :x.shape[2] + min(pads[1][1], 0)]
+    x = jnp.pad(x, [(0, 0), *((lo, max(hi, 0)) for lo, hi in pads), (0, 0)], constant_values=fill)
+    b, h, w, c = x.shape
+    oh, ow = (h - window) // stride + 1, (w - window) // stride + 1
+    return [jax.lax.slice(x, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                          (1, stride, stride, 1))
+            for i in range(window) for j in range(window)]
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
