@@ -24,8 +24,7 @@ computed on the CPU, under the same dtype, layout and dilation conditions, as a
 sum over the ``KH x KW`` taps of strided slices of the padded input times the
 tap's per-channel weights: element-wise work that XLA fuses, where XLA:CPU's
 grouped convolution and above all its gradients are slow (EfficientNet-Lite0's
-16 depthwise layers, batch 8 at 224 px, forward + backward: 5.4 s with
-``lax.conv_general_dilated``, 0.95 s per tap).
+training step, docs/benchmarks.md).
 
 `patches` and `unpatches` are JAX primitives: on CPU, float32 ones run native
 kernels (``stn_jax/_native/patches.cc``, plain copies and adds split over
