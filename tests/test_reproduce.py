@@ -194,3 +194,23 @@ def test_rows_record_the_code_commit(tmp_path, monkeypatch):
     assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?|unknown \(not a git checkout\)", reproduce.code_commit())
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)  # not a git checkout
     assert reproduce.code_commit() == "unknown (not a git checkout)"
+
+
+@pytest.mark.real_data
+def test_paper_numbers_are_the_reference_tables():
+    """Every Table 1 number the registry holds equals ../shared/reference/paper.md's table."""
+    from conftest import shared_path
+
+    text = shared_path("reference/paper.md").read_text()
+    table = text[text.index("#### Results: Table 1"):].split("\n\n")[1]
+    names = {"FCN": ("fcn", ""), "CNN": ("cnn", "")}
+    names.update({f"{family} {short}": (family.lower().replace("-", "_"), t) for family in ("ST-FCN", "ST-CNN")
+                  for short, t in (("Aff", "affine"), ("Proj", "projective"), ("TPS", "tps"))})
+    checked = 0
+    for line in table.splitlines()[2:]:
+        name, *values = [c.strip() for c in line.strip("|").split("|")]
+        model, transform = names[name]
+        for task, value in zip(("r", "rts", "p", "e"), values):
+            assert reproduce.paper_error(task, model, transform) == float(value), (name, task)
+            checked += 1
+    assert checked == 32
