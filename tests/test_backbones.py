@@ -238,7 +238,7 @@ def test_backbones_input_gradients_match_pytorch(lite_pair, bni_pair):
 
 @pytest.mark.parametrize("shape,window,stride,padding,ceil", [
     ((2, 9, 9, 3), 3, 2, 0, True), ((1, 10, 7, 2), 3, 2, 0, True), ((2, 6, 6, 2), 3, 1, 1, True),
-    ((1, 8, 8, 1), 3, 2, 0, False), ((1, 5, 5, 2), 2, 2, 1, False)])
+    ((1, 8, 8, 1), 3, 2, 0, False), ((1, 5, 5, 2), 2, 2, 1, False), ((1, 2, 2, 3), 3, 2, 0, True)])
 def test_pytorch_pooling_values_and_gradients(shape, window, stride, padding, ceil):
     """`max_pool` against ``reduce_window``'s max (ceil-mode shapes computed by hand), and the 3x3 average."""
     x = jnp.asarray(np.random.default_rng(10).standard_normal(shape), jnp.float32)  # no ties
@@ -255,6 +255,13 @@ def test_pytorch_pooling_values_and_gradients(shape, window, stride, padding, ce
     ours = lambda x: _common.max_pool(x, window, stride, padding=padding, ceil=ceil)  # noqa: E731
     r = jnp.asarray(np.random.default_rng(11).standard_normal((shape[0], *out_sizes, shape[3])), jnp.float32)
     np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(reference(x)))
+    try:
+        import torch
+    except ImportError:  # the reduce_window comparison above stands alone
+        torch = None
+    if torch is not None:  # PyTorch's output size and values (ceil mode keeps a window wider than a 2x2 input)
+        want = torch.nn.functional.max_pool2d(_nchw(x), window, stride, padding, ceil_mode=ceil).numpy()
+        np.testing.assert_array_equal(np.asarray(ours(x)), want.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(np.asarray(jax.grad(lambda x: jnp.sum(ours(x) * r))(x)),
                                   np.asarray(jax.grad(lambda x: jnp.sum(reference(x) * r))(x)))
     box = jnp.full((3, 3, 1, shape[3]), 1 / 9, jnp.float32)  # count_include_pad: every window divided by 9
@@ -288,6 +295,11 @@ def test_lite0_training_mode_stochastic(lite_pair):
     model.eval()
     c, d = _forward(model, x), _forward(model, x)
     np.testing.assert_array_equal(c.logits, d.logits)
+
+
+def test_max_pool_without_a_window_is_refused():
+    with pytest.raises(ValueError, match="gives no 3x3 window at stride 2 in ceil mode"):
+        _common.max_pool(jnp.ones((1, 1, 1, 2)), 3, 2, ceil=True)
 
 
 def test_bninception_odd_size_error():

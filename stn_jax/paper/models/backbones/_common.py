@@ -58,12 +58,12 @@ def max_pool(x: jax.Array, window: int, stride: int, *, padding: int = 0, ceil: 
     pads = []
     for n in x.shape[1:3]:
         span = n + 2 * padding - window
-        if span < 0:
-            raise ValueError(f"max_pool: spatial size {x.shape[1:3]} (padding {padding}) is smaller than the "
-                             f"window {window}")
         out = (-(-span // stride) if ceil else span // stride) + 1
         if ceil and (out - 1) * stride >= n + padding:
             out -= 1
+        if out < 1:
+            raise ValueError(f"max_pool: spatial size {x.shape[1:3]} (padding {padding}) gives no {window}x{window} "
+                             f"window at stride {stride}{' in ceil mode' if ceil else ''}")
         pads.append((padding, (out - 1) * stride + window - n - padding))
     views = _window_views(x, window, stride, pads, -jnp.inf)
     while len(views) > 1:
