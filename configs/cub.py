@@ -33,8 +33,9 @@ EfficientNet-Lite0 (its table goes to docs/results.md):
         --workroot workdirs/cub30
 
 Time per step on the idle 2-core CPU (batch 8, docs/benchmarks.md): CNN 224 px 4.8 s, 2xST-CNN
-448 px 13.4 s, so 113 steps (one epoch of the 900 training images) take about 10 and 25 minutes
-plus the test pass; results and wall times in docs/results.md.
+448 px 13.4 s with XLA's depthwise convolutions; computed per tap (now), the CNN takes 2-3 s and
+the 2xST-CNN about 9 s, so 113 steps (one epoch of the 900 training images) take about 5 and 17
+minutes plus the test pass; results and wall times in docs/results.md.
 """
 
 from __future__ import annotations
