@@ -198,14 +198,8 @@ def unpatches(p: jax.Array, image_shape: Sequence[int], kernel: int | Sequence[i
 
 def _patch_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                         feature_group_count, batch_group_count, extra) -> bool:
-    if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
-        return False
-    if feature_group_count != 1 or batch_group_count != 1 or any(v is not None for v in extra.values()):
-        return False
-    if any(d != 1 for d in (*(lhs_dilation or (1, 1)), *(rhs_dilation or (1, 1)))):
-        return False
-    if dimension_numbers is None or (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-                                     != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+    if feature_group_count != 1 or not _cpu_form_applies(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                                                         batch_group_count, extra):
         return False
     kh, kw, c, _ = rhs.shape
     pads = lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), window_strides, padding) if isinstance(padding, str) \
@@ -228,8 +222,8 @@ def _patch_conv(lhs, rhs, window_strides, padding, precision, preferred_element_
                    preferred_element_type=preferred_element_type)
 
 
-def _depthwise_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                            feature_group_count, batch_group_count, extra) -> bool:
+def _cpu_form_applies(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, batch_group_count, extra) -> bool:
+    """What both CPU paths need: 2-D float32 NHWC/HWIO, no dilation, one batch group, no other options."""
     if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return False
     if batch_group_count != 1 or any(v is not None for v in extra.values()):
@@ -238,6 +232,13 @@ def _depthwise_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs
         return False
     if dimension_numbers is None or (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                                      != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        return False
+    return True
+
+
+def _depthwise_path_applies(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                            feature_group_count, batch_group_count, extra) -> bool:
+    if not _cpu_form_applies(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, batch_group_count, extra):
         return False
     kh, kw, i, o = rhs.shape
     if not (feature_group_count == lhs.shape[3] == o > 1 and i == 1):
