@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -32,6 +31,8 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import time_block  # noqa: E402
+
 from stn_jax.paper.models.backbones import create_backbone  # noqa: E402
 
 try:
@@ -99,16 +100,6 @@ def torch_step(module, batch: int, size: int):
         opt.step()
 
     return run
-
-
-def time_block(fn, reps: int) -> float:
-    fn()  # warm-up (and compilation on the first round)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -40,6 +39,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import time_block  # noqa: E402
+
 from configs import distorted_mnist  # noqa: E402
 from stn_jax.paper import train  # noqa: E402
 from stn_jax.paper.config import resolve  # noqa: E402
@@ -141,16 +142,6 @@ def select_device(name: str | None) -> tuple[str, str]:
                              "(torch.cuda.is_available() is False)")
         torch.backends.cudnn.benchmark = True  # let cuDNN pick its convolution algorithms, as XLA autotunes its own
     return str(device), "cuda" if name == "gpu" else "cpu"
-
-
-def time_block(fn, reps: int) -> float:
-    fn()  # warm-up (and compilation on the first round)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:

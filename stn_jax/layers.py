@@ -62,7 +62,7 @@ from stn_jax.coords import PADDING_MODES, as_size, check_bool
 __all__ = [
     "LocalisationParam", "as_localisation", "Bound", "FCBody", "ConvBody", "RegressionHead",
     "SpatialTransformer", "ParallelTransformers", "TransformerSequential", "Pool", "DepthReduce",
-    "Flatten", "pool", "identity_penalty", "LOCALISATION_KINDS", "count_params",
+    "Flatten", "pool", "tree_maximum", "identity_penalty", "LOCALISATION_KINDS", "count_params",
 ]
 
 
@@ -152,9 +152,7 @@ def pool(x: jax.Array, window: int, *, kind: str = "max", spatial_dims: int = 2,
     if kind == "max" and not any(extra):
         views = [x[(Ellipsis,) + tuple(slice(i, None, window) for i in offset) + (slice(None),)]
                  for offset in itertools.product(range(window), repeat=spatial_dims)]
-        while len(views) > 1:
-            views = [jnp.maximum(a, b) for a, b in zip(views[::2], views[1::2])] + views[len(views) & ~1:]
-        return views[0]
+        return tree_maximum(views)
     if any(extra):
         fill = -jnp.inf if kind == "max" else 0.0
         x = jnp.pad(x, [(0, 0)] * nb + [(0, e) for e in extra] + [(0, 0)], constant_values=fill)
@@ -172,6 +170,19 @@ def pool(x: jax.Array, window: int, *, kind: str = "max", spatial_dims: int = 2,
         idx[nb + i] = o - 1
         count[tuple(idx)] *= last / window
     return total / jnp.asarray(count * window ** spatial_dims, total.dtype)
+
+
+def tree_maximum(arrays: Sequence[jax.Array]) -> jax.Array:
+    """Element-wise maximum of same-shaped arrays as a balanced tree of ``jnp.maximum``.
+
+    XLA fuses the tree into one pass, and its gradient is element-wise (a tie at a
+    pair splits the gradient evenly between the two), where ``reduce_window``'s
+    gradient needs ``select_and_scatter``.
+    """
+    arrays = list(arrays)
+    while len(arrays) > 1:
+        arrays = [jnp.maximum(a, b) for a, b in zip(arrays[::2], arrays[1::2])] + arrays[len(arrays) & ~1:]
+    return arrays[0]
 
 
 def pooled_size(n: int, window: int, ceil: bool) -> int:

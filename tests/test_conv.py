@@ -97,28 +97,35 @@ CASES = [  # (input shape, kernel shape, strides, padding)
 ]
 
 
-@pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES)
-def test_conv_is_as_accurate_as_lax_in_values_and_gradients(x_shape, w_shape, strides, padding):
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal(x_shape).astype(np.float32)
-    w = rng.standard_normal(w_shape).astype(np.float32)
+def _sin_loss_value_and_grads(f, strides, padding, **options):
+    """(x, w) -> value and (x, w) gradients of sum(sin(f(x, w))), f a convolution in NHWC / HWIO."""
+    return jax.value_and_grad(
+        lambda x, w: jnp.sum(jnp.sin(f(x, w, strides, padding, dimension_numbers=NHWC, **options))), (0, 1))
 
-    def value_and_grads(f, x, w):
-        return jax.jit(jax.value_and_grad(
-            lambda x, w: jnp.sum(jnp.sin(f(x, w, strides, padding, dimension_numbers=NHWC))), (0, 1)))(x, w)
 
-    assert "stn_patches" in str(jax.make_jaxpr(
-        lambda x, w: conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC))(x, w))
-    ours = value_and_grads(conv.conv_general_dilated, x, w)
-    ref32 = value_and_grads(lax.conv_general_dilated, x, w)
+def _assert_as_accurate_as_lax(x, w, strides, padding, **options):
+    """Values and gradients of ``conv.conv_general_dilated`` are within 4x float32 lax's error of float64 lax."""
+    ours = jax.jit(_sin_loss_value_and_grads(conv.conv_general_dilated, strides, padding, **options))(x, w)
+    ref32 = jax.jit(_sin_loss_value_and_grads(lax.conv_general_dilated, strides, padding, **options))(x, w)
     with jax.enable_x64(True):  # the exact answer, up to float64 rounding
-        exact = value_and_grads(lax.conv_general_dilated, x.astype(np.float64), w.astype(np.float64))
+        exact = _sin_loss_value_and_grads(lax.conv_general_dilated, strides, padding, **options)(
+            x.astype(np.float64), w.astype(np.float64))
     for a, b, e in zip(jax.tree.leaves(ours), jax.tree.leaves(ref32), jax.tree.leaves(exact)):
         e = np.asarray(e)
         err, err_lax = np.abs(np.asarray(a) - e).max(), np.abs(np.asarray(b) - e).max()
         scale = np.abs(e).max()
         assert err <= 4 * err_lax + 1e-6 * scale, (err, err_lax)
         assert err <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", CASES)
+def test_conv_is_as_accurate_as_lax_in_values_and_gradients(x_shape, w_shape, strides, padding):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    assert "stn_patches" in str(jax.make_jaxpr(
+        lambda x, w: conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC))(x, w))
+    _assert_as_accurate_as_lax(x, w, strides, padding)
 
 
 @pytest.mark.parametrize("change", ["nchw", "dilation", "groups", "bfloat16", "too_big", "volume"])
@@ -177,24 +184,10 @@ def test_depthwise_conv_is_as_accurate_as_lax_in_values_and_gradients(x_shape, w
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
     groups = x_shape[-1]
-
-    def value_and_grads(f, x, w):
-        return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(f(
-            x, w, strides, padding, dimension_numbers=NHWC, feature_group_count=groups))), (0, 1))
-
-    f = value_and_grads(conv.conv_general_dilated, x, w)
+    f = _sin_loss_value_and_grads(conv.conv_general_dilated, strides, padding, feature_group_count=groups)
     assert "convolution" not in _lowered(f, x, w, platform="cpu")  # the per-tap form, forward and backward
     assert "convolution" in _lowered(f, x, w, platform="cuda")
-    ours, ref32 = jax.jit(f)(x, w), jax.jit(value_and_grads(lax.conv_general_dilated, x, w))(x, w)
-    with jax.enable_x64(True):
-        exact = value_and_grads(lax.conv_general_dilated, x.astype(np.float64), w.astype(np.float64))(
-            x.astype(np.float64), w.astype(np.float64))
-    for a, b, e in zip(jax.tree.leaves(ours), jax.tree.leaves(ref32), jax.tree.leaves(exact)):
-        e = np.asarray(e)
-        err, err_lax = np.abs(np.asarray(a) - e).max(), np.abs(np.asarray(b) - e).max()
-        scale = np.abs(e).max()
-        assert err <= 4 * err_lax + 1e-6 * scale, (err, err_lax)
-        assert err <= 1e-4 * scale
+    _assert_as_accurate_as_lax(x, w, strides, padding, feature_group_count=groups)
 
 
 def test_depthwise_conv_has_second_derivatives():

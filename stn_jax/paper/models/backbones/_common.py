@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stn_jax.layers import tree_maximum
+
 __all__ = ["BackboneOutput", "max_pool", "avg_pool_3x3_count_pad", "global_avg_pool", "batch_norm",
            "torch_momentum"]
 
@@ -65,10 +67,7 @@ def max_pool(x: jax.Array, window: int, stride: int, *, padding: int = 0, ceil: 
             raise ValueError(f"max_pool: spatial size {x.shape[1:3]} (padding {padding}) gives no {window}x{window} "
                              f"window at stride {stride}{' in ceil mode' if ceil else ''}")
         pads.append((padding, (out - 1) * stride + window - n - padding))
-    views = _window_views(x, window, stride, pads, -jnp.inf)
-    while len(views) > 1:
-        views = [jnp.maximum(a, b) for a, b in zip(views[::2], views[1::2])] + views[len(views) & ~1:]
-    return views[0]
+    return tree_maximum(_window_views(x, window, stride, pads, -jnp.inf))
 
 
 def avg_pool_3x3_count_pad(x: jax.Array) -> jax.Array:
