@@ -32,10 +32,9 @@ EfficientNet-Lite0 (its table goes to docs/results.md):
         --steps 113 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01 \
         --workroot workdirs/cub30
 
-Time per step on the idle 2-core CPU (batch 8, docs/benchmarks.md): CNN 224 px 4.8 s, 2xST-CNN
-448 px 13.4 s with XLA's depthwise convolutions; computed per tap (now), the CNN takes 2-3 s and
-the 2xST-CNN about 9 s, so 113 steps (one epoch of the 900 training images) take about 5 and 17
-minutes plus the test pass; results and wall times in docs/results.md.
+Time per step on the 2-core CPU (batch 8, EfficientNet-Lite0 with its depthwise convolutions
+per tap; real runs, docs/results.md): CNN 224 px about 3.3 s, 2xST-CNN 448 px 6.4-9 s, so 113
+steps (one epoch of the 900 training images) take about 6 and 12-17 minutes plus the test pass.
 """
 
 from __future__ import annotations

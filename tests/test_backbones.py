@@ -99,7 +99,7 @@ def _nhwc(x) -> jax.Array:
 
 
 def _nchw(x: np.ndarray):
-    return _torch().from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
+    return _torch().from_numpy(np.array(np.asarray(x, np.float32).transpose(0, 3, 1, 2), order="C"))  # a copy
 
 
 @pytest.fixture(scope="module")
@@ -236,9 +236,12 @@ def test_backbones_input_gradients_match_pytorch(lite_pair, bni_pair):
         np.testing.assert_allclose(np.asarray(grad), want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("shape,window,stride,padding,ceil", [
+POOL_CASES = [  # (shape, window, stride, padding, ceil)
     ((2, 9, 9, 3), 3, 2, 0, True), ((1, 10, 7, 2), 3, 2, 0, True), ((2, 6, 6, 2), 3, 1, 1, True),
-    ((1, 8, 8, 1), 3, 2, 0, False), ((1, 5, 5, 2), 2, 2, 1, False), ((1, 2, 2, 3), 3, 2, 0, True)])
+    ((1, 8, 8, 1), 3, 2, 0, False), ((1, 5, 5, 2), 2, 2, 1, False), ((1, 2, 2, 3), 3, 2, 0, True)]
+
+
+@pytest.mark.parametrize("shape,window,stride,padding,ceil", POOL_CASES)
 def test_pytorch_pooling_values_and_gradients(shape, window, stride, padding, ceil):
     """`max_pool` against ``reduce_window``'s max (ceil-mode shapes computed by hand), and the 3x3 average."""
     x = jnp.asarray(np.random.default_rng(10).standard_normal(shape), jnp.float32)  # no ties
@@ -255,19 +258,22 @@ def test_pytorch_pooling_values_and_gradients(shape, window, stride, padding, ce
     ours = lambda x: _common.max_pool(x, window, stride, padding=padding, ceil=ceil)  # noqa: E731
     r = jnp.asarray(np.random.default_rng(11).standard_normal((shape[0], *out_sizes, shape[3])), jnp.float32)
     np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(reference(x)))
-    try:
-        import torch
-    except ImportError:  # the reduce_window comparison above stands alone
-        torch = None
-    if torch is not None:  # PyTorch's output size and values (ceil mode keeps a window wider than a 2x2 input)
-        want = torch.nn.functional.max_pool2d(_nchw(x), window, stride, padding, ceil_mode=ceil).numpy()
-        np.testing.assert_array_equal(np.asarray(ours(x)), want.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(np.asarray(jax.grad(lambda x: jnp.sum(ours(x) * r))(x)),
                                   np.asarray(jax.grad(lambda x: jnp.sum(reference(x) * r))(x)))
     box = jnp.full((3, 3, 1, shape[3]), 1 / 9, jnp.float32)  # count_include_pad: every window divided by 9
     want = jax.lax.conv_general_dilated(x, box, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=shape[3])
     np.testing.assert_allclose(np.asarray(_common.avg_pool_3x3_count_pad(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,window,stride,padding,ceil", POOL_CASES)
+def test_max_pool_matches_pytorch(shape, window, stride, padding, ceil):
+    """PyTorch's output size and values (ceil mode keeps a window wider than a 2x2 input)."""
+    torch = _torch()
+    x = jnp.asarray(np.random.default_rng(10).standard_normal(shape), jnp.float32)
+    want = torch.nn.functional.max_pool2d(_nchw(x), window, stride, padding, ceil_mode=ceil).numpy()
+    np.testing.assert_array_equal(np.asarray(_common.max_pool(x, window, stride, padding=padding, ceil=ceil)),
+                                  want.transpose(0, 2, 3, 1))
 
 
 def test_bninception_from_legacy_file(bni_pair, tmp_path):
