@@ -453,9 +453,14 @@ def _curves(rows: list[dict]) -> None:
 
     by_task = collections.defaultdict(list)
     for r in rows:
-        if "test_error" in r and (ROOT / r["workdir"] / "metrics.jsonl").exists():
+        if "test_error" in r:
             by_task[r["task"]].append(r)
     for task, runs in by_task.items():
+        missing = [r["workdir"] for r in runs if not (ROOT / r["workdir"] / "metrics.jsonl").exists()]
+        if missing:
+            print(f"[reproduce] kept results_curves_{task}.png: {len(missing)} of its {len(runs)} runs have no "
+                  f"metrics.jsonl here (e.g. {missing[0]})", flush=True)
+            continue
         fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.6))
         several_budgets = len({(r["steps"], r["batch_size"]) for r in runs}) > 1
         for r in sorted(runs, key=lambda r: (r["model"], r["transform"], r["seed"], r["steps"])):
@@ -488,16 +493,23 @@ def picture_name(row: dict) -> str:
 def _pictures(rows: list[dict]) -> None:
     """The last transformer picture (inputs with sampling grids, outputs) of one ST run per config argument.
 
-    The first seed's run at the longest budget is shown; co-localisation has its own figure (docs/coloc.md).
+    The first seed's run at the longest budget is shown; when its workdir is not here, the picture already
+    in docs/images is kept. Co-localisation has its own figure (docs/coloc.md).
     """
-    seen = set()
+    shown = {}
     for r in sorted(rows, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):
-        if not r["transform"] or "localised" in r or picture_name(r) in seen:
-            continue
+        if r["transform"] and "localised" not in r:
+            shown.setdefault(picture_name(r), r)
+    kept = []
+    for name, r in shown.items():
         pictures = sorted((ROOT / r["workdir"] / "images").glob("transformer_step*.png"))
         if pictures:
-            seen.add(picture_name(r))
-            _copy_picture(pictures[-1], IMAGES / picture_name(r))
+            _copy_picture(pictures[-1], IMAGES / name)
+        else:
+            kept.append(name)
+    if kept:
+        print(f"[reproduce] kept {len(kept)} transformer pictures whose runs have no workdir here "
+              f"(e.g. {kept[0]})", flush=True)
 
 
 def _copy_picture(source: Path, target: Path, max_width: int = 700) -> None:

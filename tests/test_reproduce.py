@@ -214,3 +214,28 @@ def test_paper_numbers_are_the_reference_tables():
             assert reproduce.paper_error(task, model, transform) == float(value), (name, task)
             checked += 1
     assert checked == 32
+
+
+def test_figures_of_runs_without_a_workdir_here_are_kept(tmp_path, monkeypatch, capsys):
+    """A study's figures are redrawn only from complete workdirs: one missing run keeps the committed figure."""
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "IMAGES", tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    for name in ("results_curves_rts.png", "results_rts_st_cnn_tps.png"):
+        (tmp_path / "images" / name).write_bytes(b"committed")
+    here = {**row("rts", "st_cnn", "tps", 1, 0.1), "workdir": "here"}
+    (tmp_path / "here" / "images").mkdir(parents=True)
+    (tmp_path / "here" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "test_error": 0.1}\n')
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "here" / "images" / "transformer_step2.png")
+    gone = row("rts", "st_cnn", "tps", 0, 0.2)  # seed 0: the run the picture shows, its workdir elsewhere
+    reproduce._curves([here, gone])
+    reproduce._pictures([here, gone])
+    for name in ("results_curves_rts.png", "results_rts_st_cnn_tps.png"):
+        assert (tmp_path / "images" / name).read_bytes() == b"committed"
+    out = capsys.readouterr().out
+    assert "kept results_curves_rts.png: 1 of its 2 runs" in out and "kept 1 transformer pictures" in out
+    reproduce._curves([here])
+    reproduce._pictures([here])
+    for name in ("results_curves_rts.png", "results_rts_st_cnn_tps.png"):
+        assert (tmp_path / "images" / name).read_bytes().startswith(b"\x89PNG")
