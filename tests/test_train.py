@@ -195,6 +195,34 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_
     assert all(np.isfinite(p).all() for p in final_params(workdir))
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_discards_the_update(synthetic_mnist):
+    """The step's guard reads the gradient too: a NaN in one gradient, the loss finite, keeps the old state."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from stn_jax.paper.config import resolve
+
+    s = train_state.setup(resolve(tiny_config(synthetic_mnist)))
+    batch = s.dataset.train_batch(0)
+    step = jax.jit(train_lib.make_train_step(s))
+    clean, _ = step(s.state, batch)
+    loss = s.objective.loss
+
+    def poisoned(model, batch):  # the same value; d/dw of sqrt(|w - w|) at 0 is NaN
+        value, m = loss(model, batch)
+        w = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+        return value + 0.0 * jnp.sqrt(jnp.abs(w - jax.lax.stop_gradient(w))).sum(), m
+
+    s.objective.loss = poisoned
+    new, m = jax.jit(train_lib.make_train_step(s))(s.state, batch)
+    assert np.isfinite(m["loss"]) and not np.isfinite(m["grad_norm"])
+    assert int(new.step) == 1 and int(new.first_nonfinite_step) == 0 and int(clean.first_nonfinite_step) == -1
+    old = jax.tree.leaves((s.state.params, s.state.opt_state))
+    assert any(not np.array_equal(a, b) for a, b in zip(old, jax.tree.leaves((clean.params, clean.opt_state))))
+    for a, b in zip(old, jax.tree.leaves((new.params, new.opt_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
