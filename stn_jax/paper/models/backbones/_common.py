@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from stn_jax.conv import conv_general_dilated
 from stn_jax.layers import tree_maximum
 
 __all__ = ["BackboneOutput", "max_pool", "avg_pool_3x3_count_pad", "global_avg_pool", "batch_norm",
@@ -36,6 +37,16 @@ class BackboneOutput(NamedTuple):
 def torch_momentum(momentum: float) -> float:
     """Flax's BatchNorm momentum (weight of the old running value) for PyTorch's ``momentum``."""
     return 1.0 - momentum
+
+
+def conv(cin: int, cout: int, kernel: int, **kwargs) -> nnx.Conv:
+    """``nnx.Conv(cin, cout, (kernel, kernel), **kwargs)`` computed by `stn_jax.conv.conv_general_dilated`.
+
+    On the CPU that is a patch matrix times the kernel (per tap for depthwise kernels); under `nnx.vmap`
+    (the stacked part networks of `stn_jax.paper.models.cub`) a batched matrix product, where XLA:CPU's
+    own convolution becomes a grouped convolution that made a BN-Inception 2xST-CNN step 8x its CNN's.
+    """
+    return nnx.Conv(cin, cout, (kernel, kernel), conv_general_dilated=conv_general_dilated, **kwargs)
 
 
 def batch_norm(features: int, *, epsilon: float, momentum: float, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ._common import BackboneOutput, avg_pool_3x3_count_pad, batch_norm, global_avg_pool, max_pool, torch_momentum
+from ._common import BackboneOutput, avg_pool_3x3_count_pad, batch_norm, conv, global_avg_pool, max_pool, torch_momentum
 
 __all__ = ["BNInception", "ConvBNReLU", "InceptionModule", "InceptionSpec", "INCEPTION_SPECS", "preprocess",
            "torch_name_map", "NUM_FEATURES", "INPUT_SIZE", "MEAN_BGR"]
@@ -57,8 +57,8 @@ class ConvBNReLU(nnx.Module):
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, padding: int | None = None, *,
                  dtype=None, rngs: nnx.Rngs):
         padding = kernel // 2 if padding is None else padding
-        self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=[(padding, padding)] * 2,
-                             use_bias=True, dtype=dtype, rngs=rngs)
+        self.conv = conv(cin, cout, kernel, strides=stride, padding=[(padding, padding)] * 2, use_bias=True,
+                         dtype=dtype, rngs=rngs)
         self.bn = batch_norm(cout, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -43,9 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stn_jax.conv import conv_general_dilated
-
-from ._common import BackboneOutput, batch_norm, global_avg_pool, torch_momentum
+from ._common import BackboneOutput, batch_norm, conv, global_avg_pool, torch_momentum
 
 __all__ = ["EfficientNetLite0", "MBConvBlock", "LITE0_STAGES", "preprocess", "torch_name_map",
            "NUM_FEATURES", "INPUT_SIZE", "MEAN_RGB", "STDDEV_RGB"]
@@ -89,16 +87,15 @@ class MBConvBlock(nnx.Module):
         bn = dict(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, dtype=dtype, rngs=rngs)
         self.expansion, self.stride = expansion, stride
         if expansion != 1:
-            self.expand_conv = nnx.Conv(cin, mid, (1, 1), use_bias=False, padding="VALID", dtype=dtype, rngs=rngs)
+            self.expand_conv = conv(cin, mid, 1, use_bias=False, padding="VALID", dtype=dtype, rngs=rngs)
             self.bn0 = batch_norm(mid, **bn)
         else:
             self.expand_conv = None
             self.bn0 = None
-        self.depthwise_conv = nnx.Conv(mid, mid, (kernel, kernel), strides=stride, padding="SAME",
-                                       feature_group_count=mid, use_bias=False, dtype=dtype,
-                                       conv_general_dilated=conv_general_dilated, rngs=rngs)
+        self.depthwise_conv = conv(mid, mid, kernel, strides=stride, padding="SAME", feature_group_count=mid,
+                                   use_bias=False, dtype=dtype, rngs=rngs)
         self.bn1 = batch_norm(mid, **bn)
-        self.project_conv = nnx.Conv(mid, cout, (1, 1), use_bias=False, padding="VALID", dtype=dtype, rngs=rngs)
+        self.project_conv = conv(mid, cout, 1, use_bias=False, padding="VALID", dtype=dtype, rngs=rngs)
         self.bn2 = batch_norm(cout, **bn)
         self.residual = stride == 1 and cin == cout
         self.drop = (nnx.Dropout(drop_connect_rate, broadcast_dims=(1, 2, 3), rngs=rngs)
@@ -142,8 +139,8 @@ class EfficientNetLite0(nnx.Module):
         bn = dict(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, dtype=dtype, rngs=rngs)
         self.num_features = NUM_FEATURES
         self.num_classes = num_classes
-        self.conv_stem = nnx.Conv(3, STEM_CHANNELS, (3, 3), strides=2, padding="SAME", use_bias=False,
-                                  dtype=dtype, rngs=rngs)
+        self.conv_stem = conv(3, STEM_CHANNELS, 3, strides=2, padding="SAME", use_bias=False, dtype=dtype,
+                              rngs=rngs)
         self.bn0 = batch_norm(STEM_CHANNELS, **bn)
         specs = []
         cin = STEM_CHANNELS
@@ -154,8 +151,7 @@ class EfficientNetLite0(nnx.Module):
         self.blocks = nnx.List([
             MBConvBlock(*spec, drop_connect_rate=drop_connect_rate * i / len(specs), dtype=dtype, rngs=rngs)
             for i, spec in enumerate(specs)])
-        self.conv_head = nnx.Conv(cin, NUM_FEATURES, (1, 1), use_bias=False, padding="VALID", dtype=dtype,
-                                  rngs=rngs)
+        self.conv_head = conv(cin, NUM_FEATURES, 1, use_bias=False, padding="VALID", dtype=dtype, rngs=rngs)
         self.bn1 = batch_norm(NUM_FEATURES, **bn)
         if num_classes is None:
             self.dropout = None
