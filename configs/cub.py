@@ -32,9 +32,11 @@ EfficientNet-Lite0 (its table goes to docs/results.md):
         --steps 113 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01 \
         --workroot workdirs/cub30
 
-Time per step on the 2-core CPU (batch 8, EfficientNet-Lite0 with its depthwise convolutions
-per tap; real runs, docs/results.md): CNN 224 px about 3.3 s, 2xST-CNN 448 px 6.4-9 s, so 113
+Time per step on the 2-core CPU (batch 8, EfficientNet-Lite0; the study's runs, with another
+run sharing the cores, docs/results.md): CNN 224 px about 3.3 s, 2xST-CNN 448 px 6.4-9 s, so 113
 steps (one epoch of the 900 training images) take about 6 and 12-17 minutes plus the test pass.
+Every row's step time for both backbones, measured in one process: docs/benchmarks.md (a
+transformer model costs about its number of backbone passes, 3 for 2xST, 5 for 4xST).
 """
 
 from __future__ import annotations

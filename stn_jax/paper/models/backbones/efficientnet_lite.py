@@ -24,9 +24,9 @@ on the bottom/right), which the reference also implements. The reference compute
 once for a 224-pixel input (``Conv2dStaticSamePadding``); this module computes them from the
 actual input, as TensorFlow does. The two agree whenever height and width are multiples of 32
 (224, 448, 96, ...); for other sizes this module matches the reference built with
-``image_size=None`` (``Conv2dDynamicSamePadding``). The depthwise convolutions use
-`stn_jax.conv.conv_general_dilated` (per tap on the CPU, where a training step took about a
-third of the time it takes with XLA:CPU's grouped convolution; XLA's own elsewhere).
+``image_size=None`` (``Conv2dDynamicSamePadding``). Every convolution uses
+`stn_jax.conv.conv_general_dilated` (on the CPU, the depthwise ones per tap, where a training step
+took about a third of the time it takes with XLA:CPU's grouped convolution; XLA's own elsewhere).
 
 Parameters: 4,652,008 with the 1000-way classifier, 3,371,008 without (the weights file's
 4,694,073 also counts the BatchNorm buffers).
