@@ -15,14 +15,16 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT
+from flax import nnx
 
 from configs import distorted_mnist
 from stn_jax.paper import train as train_lib, train_state
-from stn_jax.paper.config import trainer_defaults
+from stn_jax.paper.config import resolve, trainer_defaults
 from stn_jax.paper.models import MODELS
 
 ARG = "r,st_fcn,affine,tiny"
@@ -197,11 +199,6 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_
 
 def test_a_finite_loss_with_a_non_finite_gradient_discards_the_update(synthetic_mnist):
     """The step's guard reads the gradient too: a NaN in one gradient, the loss finite, keeps the old state."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from stn_jax.paper.config import resolve
-
     s = train_state.setup(resolve(tiny_config(synthetic_mnist)))
     batch = s.dataset.train_batch(0)
     step = jax.jit(train_lib.make_train_step(s))
@@ -294,11 +291,7 @@ def test_every_family_config_builds_its_model_and_data(synthetic_mnist):
     """
     import importlib
 
-    import jax.numpy as jnp
-    from flax import nnx
-
     from stn_jax.paper import data as data_lib
-    from stn_jax.paper.config import resolve
 
     for family, arg in [("distorted_mnist", "tc,st_cnn,tps"), ("mnist_addition", "add_2st_fcn,tps,tiny"),
                         ("mnist_3d", "st3d,tiny"), ("distorted_mnist", "rts,cnn")]:
