@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from experiments import reproduce
 
@@ -226,7 +227,6 @@ def test_figures_of_runs_without_a_workdir_here_are_kept(tmp_path, monkeypatch, 
     here = {**row("rts", "st_cnn", "tps", 1, 0.1), "workdir": "here"}
     (tmp_path / "here" / "images").mkdir(parents=True)
     (tmp_path / "here" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "test_error": 0.1}\n')
-    from PIL import Image
     Image.new("RGB", (4, 4)).save(tmp_path / "here" / "images" / "transformer_step2.png")
     gone = row("rts", "st_cnn", "tps", 0, 0.2)  # seed 0: the run the picture shows, its workdir elsewhere
     reproduce._curves([here, gone])

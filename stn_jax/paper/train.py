@@ -109,7 +109,7 @@ def make_train_step(s: Setup):
         params = optax.apply_updates(state.params, updates)
         # One reduction over every gradient: a NaN or inf anywhere (or a norm beyond float32) makes it
         # non-finite. A check and a select per leaf instead (about a thousand leaves in the CUB models) make
-        # XLA:CPU compile the step for tens of minutes; the norm and one `cond` compile in seconds.
+        # XLA:CPU compile the step for over ten minutes; the norm and one `cond` compile in seconds.
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, model_state, opt_state = jax.lax.cond(

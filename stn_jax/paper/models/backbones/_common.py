@@ -15,7 +15,7 @@ from stn_jax.conv import conv_general_dilated
 from stn_jax.layers import tree_maximum
 
 __all__ = ["BackboneOutput", "max_pool", "avg_pool_3x3_count_pad", "global_avg_pool", "batch_norm",
-           "torch_momentum"]
+           "conv", "torch_momentum"]
 
 
 class BackboneOutput(NamedTuple):
