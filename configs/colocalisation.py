@@ -76,7 +76,7 @@ def get_config(arg: str = "t") -> ml_collections.ConfigDict:
     c.eval_every = 50
     c.checkpoint_every = 100
     c.optimizer.learning_rate = 0.05  # [U] (0.01 learns no image-dependent translation in 300 steps)
-    c.optimizer.decay_every = 1_000_000  # [U] no decay
+    c.optimizer.decay_boundaries = ()  # [U] no decay
     # [P] margin 1; [U] random patches of scale U[0.25, 0.5] inside the image; descriptors L2-normalised
     # (without it the empty crop is the loss's minimum; docs/coloc.md has the measurements).
     c.objective = ml_collections.ConfigDict({"name": "triplet", "alpha": 1.0, "patch_scale": "range",

@@ -37,7 +37,7 @@ def training_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 0.01  # A.4 [S]
-    c.optimizer.decay_every = 50_000  # A.4 [S]: x0.1 every 50k iterations
+    c.optimizer.decay_boundaries = (50_000, 100_000)  # A.4 [S]: x0.1 every 50k iterations
     c.optimizer.decay_factor = 0.1
     c.optimizer.momentum = 0.9        # [U]: the paper says SGD; momentum not stated
     c.optimizer.nesterov = False
@@ -100,6 +100,6 @@ def shrink_for_local_run(c: ml_collections.ConfigDict, steps: int = 60) -> ml_co
     c.eval_every = steps
     c.checkpoint_every = steps // 2
     c.eval_batch_size = 256
-    c.optimizer.decay_every = max(steps // 2, 1)
+    c.optimizer.decay_boundaries = (max(steps // 2, 1),)
     c.data.test_size = 512
     return c

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = distorted_mnist.get_config("rts,st_cnn,affine")
     c.batch_size = 64                 # budget (paper: 256)
     c.total_steps = 3_000             # budget (paper: 150k)
-    c.optimizer.decay_every = 2_000   # budget: the paper's x0.1 step, scaled to the short run
+    c.optimizer.decay_boundaries = (2_000,)  # budget: the paper's x0.1 step, scaled to the short run
     c.log_every = 50
     c.eval_every = 1_000
     c.checkpoint_every = 1_000

@@ -56,6 +56,7 @@ END = "<!-- END GENERATED -->"
 TRANSFORM_ORDER = ("",) + tuple(stn_jax.TRANSFORMS)
 TABLE_FAMILIES = {"mnist": "Distorted MNIST", "addition": "MNIST addition"}  # task families with error tables
 SVHN_SIZES = (64, 128)
+TRAIN, PROBE = "experiments.train", "experiments.linear_probe"  # a cell's program
 
 
 def paper_error(task: str, model: str, transform: str) -> float | None:
@@ -82,6 +83,7 @@ class Cell:
     transform: str
     seeds: int
     variant: str = ""  # the config argument when the task/model/transform do not spell it (co-localisation "t,8")
+    module: str = TRAIN  # the program that runs it (PROBE: the CUB anchor)
 
     @property
     def arg(self) -> str:
@@ -128,9 +130,12 @@ def _svhn(seeds: int) -> list[Cell]:
 
 
 def _cub(seeds: int) -> list[Cell]:
-    """Table 3 on the birds with EfficientNet-Lite0 (docs/results.md): the CNN at 224 px, 2xST-CNN at 448 px."""
-    return [Cell("cub", "cub", "cub_cnn", "", seeds, "efficientnet_lite0,cnn224"),
-            Cell("cub", "cub", "cub_st2", "attention", seeds, "efficientnet_lite0,st2_448")]
+    """Table 3 on the birds with EfficientNet-Lite0 (docs/results.md): the frozen backbone's linear probe (the
+    anchor, deterministic: one run), the CNN at 224 px, 2xST-CNN and 4xST-CNN (one seed) at 448 px."""
+    return [Cell("cub", "cub", "cub_cnn", "", 1, "efficientnet_lite0,cnn224", PROBE),
+            Cell("cub", "cub", "cub_cnn", "", seeds, "efficientnet_lite0,cnn224"),
+            Cell("cub", "cub", "cub_st2", "attention", seeds, "efficientnet_lite0,st2_448"),
+            Cell("cub", "cub", "cub_st4", "attention", 1, "efficientnet_lite0,st4_448")]
 
 
 STUDIES = {"table1": _table1, "tc": _tc, "addition": _addition, "coloc": _coloc, "svhn": _svhn, "cub": _cub}
@@ -149,10 +154,12 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def budget_overrides(steps: int, decays: int, extra: dict[str, str]) -> dict[str, str]:
     """What a run overrides beyond source, steps and batch: ``decays`` staircase decays spread evenly over the
-    budget (``optimizer.decay_every = steps // (decays + 1)``; 0 keeps the config's schedule) and ``extra``."""
+    budget (``optimizer.decay_boundaries``: multiples of ``steps // (decays + 1)``; 0 keeps the config's
+    schedule) and ``extra``."""
     out = dict(extra)
     if decays:
-        out["optimizer.decay_every"] = str(max(steps // (decays + 1), 1))
+        every = max(steps // (decays + 1), 1)
+        out["optimizer.decay_boundaries"] = "(" + "".join(f"{every * k}," for k in range(1, decays + 1)) + ")"
     return dict(sorted(out.items()))
 
 
@@ -161,8 +168,9 @@ def run_name(cell: Cell, seed: int, steps: int, batch_size: int, overrides: dict
     variant = "_" + cell.variant.replace(",", "_") if cell.variant else ""
     digest = ("_o" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:6]
               if overrides else "")
-    return (f"{cell.task}_{cell.model}{'_' + cell.transform if cell.transform else ''}{variant}_s{seed}_b{batch_size}"
-            f"_n{steps}{digest}")
+    probe = "_probe" if cell.module == PROBE else ""
+    return (f"{cell.task}_{cell.model}{'_' + cell.transform if cell.transform else ''}{variant}{probe}_s{seed}"
+            f"_b{batch_size}_n{steps}{digest}")
 
 
 def read_rows(path: Path = RESULTS) -> list[dict]:
@@ -179,7 +187,7 @@ def _done(rows: list[dict], cell: Cell, seed: int, steps: int, batch_size: int, 
           overrides: dict[str, str]) -> bool:
     return any(r["config"] == cell.config and r["arg"] == cell.arg and r["seed"] == seed and r["steps"] == steps
                and r["batch_size"] == batch_size and r["source"] == _source_kind(source)
-               and r.get("overrides", {}) == overrides for r in rows)
+               and r.get("overrides", {}) == overrides and r.get("module", TRAIN) == cell.module for r in rows)
 
 
 def _versions(workdir: Path) -> dict:
@@ -210,7 +218,7 @@ def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
     workdir = workroot / run_name(cell, seed, args.steps, args.batch_size, overrides)
     resumed = (ROOT / workdir / "checkpoints").exists() and any((ROOT / workdir / "checkpoints").iterdir())
     every = max(args.steps // args.evals, 1)
-    command = [sys.executable, "-m", "experiments.train", f"--config=configs/{cell.config}.py:{cell.arg}",
+    command = [sys.executable, "-m", cell.module, f"--config=configs/{cell.config}.py:{cell.arg}",
                f"--workdir={workdir}", f"--config.seed={seed}", f"--config.data.source={source}",
                f"--config.total_steps={args.steps}", f"--config.batch_size={args.batch_size}",
                f"--config.eval_every={every}", f"--config.checkpoint_every={min(every, 100)}",
@@ -229,13 +237,15 @@ def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
         raise RuntimeError(f"run {workdir.name} printed no result line:\n{out.stdout[-2000:]}")
     result = (dict(test_error=float(match.group(1)), test_loss=float(match.group(2))) if match else
               dict(localised=float(coloc.group(1)), mean_iou=float(coloc.group(2)), final_eval=final_eval(workdir)))
+    resolved = json.loads((ROOT / workdir / "config.json").read_text())  # what the run used, defaults included
     return dict(config=cell.config, arg=cell.arg, task=cell.task, model=cell.model, transform=cell.transform,
                 seed=seed, steps=args.steps, batch_size=args.batch_size, source=_source_kind(args.source),
-                **({"overrides": overrides} if overrides else {}), **result, wall_time_s=round(wall, 1),
+                **({"overrides": overrides} if overrides else {}), **result, optimizer=resolved["optimizer"],
+                model_options=resolved["model"]["options"], wall_time_s=round(wall, 1),
                 resumed=resumed, workdir=str(workdir),
                 date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()} CPUs",
                 versions=_versions(ROOT / workdir), commit=code_commit(),
-                command="python -m experiments.train " + " ".join(command[3:]))
+                module=cell.module, command=f"python -m {cell.module} " + " ".join(command[3:]))
 
 
 def _metrics(workdir: Path | str) -> list[dict]:

@@ -155,7 +155,8 @@ def test_config_variants():
     from configs import svhn
     c = svhn.get_config("st_multi,64")
     assert (c.model.name, c.model.transform, c.data.task, c.data.image_size) == ("svhn_st_multi", "affine", "svhn", 64)
-    assert (c.batch_size, c.total_steps, c.optimizer.decay_every) == (128, 400_000, 80_000)
+    assert (c.batch_size, c.total_steps) == (128, 400_000)
+    assert c.optimizer.decay_boundaries == (80_000, 160_000, 240_000, 320_000)
     assert c.optimizer.loc_lr_multiplier == 0.1 and c.optimizer.weight_decay == 5e-4
     assert c.objective.name == "sequence"
     c = svhn.get_config("cnn,128,synthetic")
@@ -179,7 +180,7 @@ def _tiny_config(tmp_path, **options):
     c.log_every = 1
     c.eval_every = 2
     c.checkpoint_every = 2
-    c.optimizer.decay_every = 1
+    c.optimizer.decay_boundaries = (1,)
     for key, value in options.items():
         c.model.options[key] = value
     return c

@@ -350,7 +350,7 @@ def encoder_config(source: str, **overrides: Any) -> ml_collections.ConfigDict:
         "seed": int(e["seed"]), "batch_size": int(e["batch_size"]), "total_steps": steps,
         "log_every": max(steps // 10, 1), "eval_every": steps, "checkpoint_every": steps, "keep_checkpoints": 1,
         "eval_batch_size": 500,
-        "optimizer": {"learning_rate": float(e["learning_rate"]), "decay_every": 1_000_000, "decay_factor": 0.1,
+        "optimizer": {"learning_rate": float(e["learning_rate"]), "decay_boundaries": (), "decay_factor": 0.1,
                       "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "loc_lr_multiplier": 1.0},
         "objective": {"name": "classification"},
         "model": {"name": e["model"], "transform": "",

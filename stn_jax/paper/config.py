@@ -31,9 +31,9 @@ def trainer_defaults() -> dict[str, Any]:
         "checkpoint_every": 1_000,
         "keep_checkpoints": 3,
         "eval_batch_size": 1_000,
-        "optimizer": {"name": "sgd", "learning_rate": 0.01, "decay_every": 1_000_000, "decay_boundaries": (),
-                      "decay_factor": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                      "loc_lr_multiplier": 1.0},
+        "optimizer": {"name": "sgd", "learning_rate": 0.01, "decay_boundaries": (), "decay_factor": 0.1,
+                      "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "loc_lr_multiplier": 1.0,
+                      "backbone_lr_multiplier": 1.0},
         "model": {"name": None, "transform": "", "options": {}},
         "data": {"task": None},
         "objective": {"name": "classification"},
@@ -66,6 +66,20 @@ def _check_type(value: Any, default: Any, key: str) -> None:
         raise ValueError(f"{key} must be {type(default).__name__}, got {value!r}")
 
 
+def check_boundaries(value: Any) -> tuple[int, ...]:
+    """``config.optimizer.decay_boundaries`` as a tuple of increasing positive step numbers (one-line error)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value,)
+    if isinstance(value, str) or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b == int(b)
+                                         for b in value):
+        raise ValueError(f"config.optimizer.decay_boundaries must be a tuple of step numbers, e.g. (1500,) or "
+                         f"(10000, 20000), got {value!r}")
+    steps = tuple(int(b) for b in value)
+    if any(b < 1 for b in steps) or list(steps) != sorted(set(steps)):
+        raise ValueError(f"config.optimizer.decay_boundaries must be increasing positive steps, got {steps}")
+    return steps
+
+
 def resolve(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
     """The complete, checked config (a new ConfigDict; ``config`` is not changed)."""
     given = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -81,6 +95,7 @@ def resolve(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collect
                 for k, d in default.items():
                     value.setdefault(k, d)
                     _check_type(value[k], d, f"config.optimizer.{k}")
+                value["decay_boundaries"] = check_boundaries(value["decay_boundaries"])
                 if value["name"] not in OPTIMIZERS:
                     raise ValueError(f"config.optimizer.name must be one of {', '.join(OPTIMIZERS)}, "
                                      f"got {value['name']!r}")

@@ -9,8 +9,9 @@ process, and evaluates it.
   replicated; one `jax.jit`-compiled step. Each process builds only its shard
   of every batch, and the global batch is the same whatever the number of
   processes or devices, so losses match a single-device run to float tolerance.
-* **Optimiser.** optax SGD with momentum (or Adam, ``optimizer.name``) and the paper's step schedule, a
-  separate learning-rate multiplier for the localisation networks, optional
+* **Optimiser.** optax SGD with momentum (or Adam, ``optimizer.name``) and the paper's step schedule
+  (``optimizer.decay_boundaries``), learning-rate multipliers for the localisation networks and the
+  pretrained backbones (each group's rate is logged), optional
   weight decay (`stn_jax.paper.train_state`).
 * **Determinism and resumption.** Per-step randomness is a function of (seed,
   step) and a batch is a pure function of (seed, step), so a run restarted from
@@ -119,7 +120,7 @@ def make_train_step(s: Setup):
             step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
             first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                                            state.first_nonfinite_step))
-        metrics = dict(metrics, loss=loss, learning_rate=s.schedule(state.step), grad_norm=grad_norm)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, **s.learning_rates(state.step))
         return new_state, metrics
 
     return train_step

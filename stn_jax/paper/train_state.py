@@ -8,8 +8,9 @@ from it, so they build the same model the same way.
 State layout (a pytree; what a checkpoint holds):
 
 * ``params``: ``{"loc": ..., "main": ...}``, the localisation networks'
-  parameters (`stn_jax.layers.LocalisationParam`) and all other parameters,
-  two groups so the optimiser can give them different learning rates;
+  parameters (`stn_jax.layers.LocalisationParam`) and all other parameters;
+  the optimiser gives three groups their own learning rates (`GROUPS`:
+  ``loc``, ``backbone``, ``main``, labelled by `param_labels`);
 * ``model_state``: every other variable except random-number streams, e.g.
   BatchNorm statistics (`nnx.BatchStat`): updated by the training step, used
   by evaluation;
@@ -49,22 +50,45 @@ class TrainState:
     first_nonfinite_step: jax.Array
 
 
+GROUPS = ("main", "backbone", "loc")
+"""The parameter groups, each with its own learning rate (``optimizer.<group>_lr_multiplier`` x the schedule):
+``loc`` the localisation networks (`LocalisationParam`), ``backbone`` the pretrained backbones a model names
+in ``backbone_attributes`` (e.g. the CUB models' ``backbone`` / ``parts``), ``main`` everything else (the
+new layers: classifiers, part-feature fusion; the whole network of a model without a backbone)."""
+
+
 def make_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
-    """The paper's step schedules: ``learning_rate * decay_factor ** (step // decay_every)``, or, when
-    ``decay_boundaries`` lists steps, ``decay_factor`` once more at each of them (CUB: 10k, 20k, 25k)."""
-    boundaries = tuple(int(b) for b in (opt.get("decay_boundaries") or ()))
-    if boundaries:
-        return optax.piecewise_constant_schedule(opt.learning_rate, {b: opt.decay_factor for b in boundaries})
-    return optax.exponential_decay(opt.learning_rate, transition_steps=opt.decay_every,
-                                   decay_rate=opt.decay_factor, staircase=True)
+    """The paper's step schedule: ``learning_rate``, multiplied by ``decay_factor`` at each step of
+    ``decay_boundaries`` (e.g. MNIST (50k, 100k), CUB (10k, 20k, 25k); ``()``: constant)."""
+    return optax.piecewise_constant_schedule(opt.learning_rate,
+                                             {int(b): opt.decay_factor for b in opt.decay_boundaries})
 
 
-def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """``opt.name`` over ``{"loc": ..., "main": ...}``, the localisation group at ``loc_lr_multiplier`` x.
+def group_multipliers(opt: ml_collections.ConfigDict) -> dict[str, float]:
+    """Each group's learning-rate multiplier (`GROUPS`)."""
+    return {"main": 1.0, "backbone": float(opt.backbone_lr_multiplier), "loc": float(opt.loc_lr_multiplier)}
+
+
+def param_labels(params: dict[str, Any], backbone_attributes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The group (`GROUPS`) of every leaf of ``params`` (``{"loc": ..., "main": ...}``, `split_model`).
+
+    A leaf of ``main`` is in ``backbone`` when its path starts with one of ``backbone_attributes``.
+    """
+    def main_label(path, _):
+        first = path[0]
+        name = getattr(first, "key", getattr(first, "name", getattr(first, "idx", None)))
+        return "backbone" if name in backbone_attributes else "main"
+
+    return {"loc": jax.tree.map(lambda _: "loc", params["loc"]),
+            "main": jax.tree_util.tree_map_with_path(main_label, params["main"])}
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, labels: Any) -> optax.GradientTransformation:
+    """``opt.name`` over the parameter groups ``labels`` (`param_labels`), each at its multiplier x the schedule.
 
     ``"sgd"`` (the paper's): SGD with ``momentum`` (0: plain) and ``nesterov``; ``"adam"``: Adam with
     optax's defaults (b1 0.9, b2 0.999, eps 1e-8), for short budgets. ``weight_decay`` adds
-    ``weight_decay * w`` to the gradient (L2) in both.
+    ``weight_decay * w`` to the gradient (L2) in every group.
     """
     schedule = make_schedule(opt)
 
@@ -75,8 +99,15 @@ def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformati
             return optax.chain(*parts, optax.adam(rate))
         return optax.chain(*parts, optax.sgd(rate, momentum=opt.momentum or None, nesterov=opt.nesterov))
 
-    return optax.multi_transform({"loc": group(opt.loc_lr_multiplier), "main": group(1.0)},
-                                 {"loc": "loc", "main": "main"})
+    return optax.multi_transform({g: group(m) for g, m in group_multipliers(opt).items()}, labels)
+
+
+def learning_rates(opt: ml_collections.ConfigDict, groups: tuple[str, ...], step: jax.Array) -> dict[str, jax.Array]:
+    """The metrics of each present group's rate at ``step``: ``learning_rate`` (``main``) and
+    ``learning_rate_<group>`` for the others."""
+    schedule, multipliers = make_schedule(opt), group_multipliers(opt)
+    return {"learning_rate" if g == "main" else f"learning_rate_{g}": multipliers[g] * schedule(step)
+            for g in groups}
 
 
 @dataclasses.dataclass
@@ -90,8 +121,12 @@ class Setup:
     graphdef_eval: Any
     rng_state: Any
     tx: optax.GradientTransformation
-    schedule: optax.Schedule
+    groups: tuple[str, ...]
     state: TrainState
+
+    def learning_rates(self, step: jax.Array) -> dict[str, jax.Array]:
+        """``learning_rate`` (the ``main`` group) and ``learning_rate_<group>`` of the other groups present."""
+        return learning_rates(self.config.optimizer, self.groups, step)
 
     def merge(self, params: dict, model_state: Any, *, train: bool, step: jax.Array | None = None):
         graphdef = self.graphdef_train if train else self.graphdef_eval
@@ -125,11 +160,13 @@ def build(config: ml_collections.ConfigDict, image_shape, num_classes: int, data
     graphdef_eval = nnx.graphdef(model)
     model.train()
     graphdef_train, params, rng_state, model_state = split_model(model)
-    tx = make_optimizer(config.optimizer)
+    labels = param_labels(params, tuple(getattr(model, "backbone_attributes", ())))
+    groups = tuple(g for g in GROUPS if g in set(jax.tree.leaves(labels)))
+    tx = make_optimizer(config.optimizer, labels)
     state = TrainState(step=jnp.int32(0), params=params, model_state=model_state, opt_state=tx.init(params),
                        first_nonfinite_step=jnp.int32(-1))
     return Setup(config, dataset, create_objective(config.objective), graphdef_train, graphdef_eval, rng_state, tx,
-                 make_schedule(config.optimizer), state)
+                 groups, state)
 
 
 def setup(config: ml_collections.ConfigDict, *, cache_dir: str | None = None, process_index: int | None = None,
@@ -137,6 +174,7 @@ def setup(config: ml_collections.ConfigDict, *, cache_dir: str | None = None, pr
     """`build` for the config's data set, sharded for this process (training and evaluation start here)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    models.preflight(config.model.name, config.model.options.to_dict())  # weights files before any data cache
     dataset = make_dataset(config.data, seed=config.seed, global_batch_size=config.batch_size,
                            process_index=process_index, process_count=process_count,
                            cache_dir=cache_dir or config.data.get("cache_dir") or None)

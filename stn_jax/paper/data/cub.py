@@ -988,6 +988,18 @@ class CubDataset:
     def test_set(self) -> dict[str, np.ndarray]:
         return self.test_examples(np.arange(self.test_size))
 
+    def train_examples(self, indices) -> dict[str, np.ndarray]:
+        """Training images ``indices`` (positions in the kept training split) as test examples are made:
+        centre crops, no flip (for features of the training set, e.g. `stn_jax.paper.probe`)."""
+        indices = np.asarray(indices, np.int64).ravel()
+        if indices.size and (indices.min() < 0 or indices.max() >= self.train_size):
+            raise IndexError(f"training indices must be in [0, {self.train_size})")
+        return self._build(self._train_rows[indices], None)
+
+    def train_labels(self) -> np.ndarray:
+        """The labels ``(train_size,)`` of the training split, in its order."""
+        return self._label[self._train_rows]
+
     def close(self) -> None:
         """Stops the worker processes and the prefetch thread (a later batch starts new ones)."""
         if self._pending is not None:

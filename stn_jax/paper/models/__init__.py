@@ -70,6 +70,7 @@ class ModelSpec:
     paper: Mapping[tuple[str, str], float] = dataclasses.field(default_factory=dict)
     input_ndim: int = 2
     any_transform: bool = False
+    preflight: Callable[[Mapping[str, Any]], None] | None = None
 
     @property
     def transforms(self) -> tuple[str, ...]:
@@ -121,6 +122,14 @@ def _merge(name: str, defaults: Mapping[str, Any], given: Mapping[str, Any], whe
 def merge_options(spec: ModelSpec, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` over the model's defaults (nested ones in part); unknown keys raise listing the valid ones."""
     return _merge(spec.name, spec.options, options)
+
+
+def preflight(name: str, options: Mapping[str, Any]) -> None:
+    """Checks the files model ``name`` will read (e.g. pretrained weights) before a run builds anything else;
+    a one-line error naming the file and what is wrong with it."""
+    spec = MODELS.get(name)
+    if spec.preflight is not None:
+        spec.preflight(merge_options(spec, options))
 
 
 def check_transform(spec: ModelSpec, transform: str | None) -> str | None:

@@ -37,6 +37,7 @@ the keys ``("cub224", "")`` / ``("cub448", "attention")`` etc., one per Table 3 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -48,24 +49,39 @@ import stn_jax
 from stn_jax.layers import Flatten, as_localisation, pool
 from stn_jax.paper.models import ModelSpec, register
 from stn_jax.paper.models.backbones import BACKBONES, build_from_torch_state_dict, read_torch_state_dict
+from stn_jax.paper.models.backbones.convert import check_weights_path
 
 INITIAL_CENTRES = {1: [(0.0, 0.0)], 2: [(0.0, -0.5), (0.0, 0.5)],
                    4: [(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)]}
 """Initial crop centres (normalised x, y) per number of transformers [U]: halves for 2, quadrants for 4."""
 
 
+def _weights_path(name: str, pretrained: str) -> Path:
+    """The weights file of option ``pretrained`` (``"imagenet"``: the backbone's installed file), checked."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+    spec = BACKBONES[name]
+    path = spec.default_weights_path() if pretrained == "imagenet" else pretrained
+    if path is None:
+        raise FileNotFoundError(f"no ImageNet weights installed for {name!r}: {spec.how_to_get}")
+    return check_weights_path(path, spec.how_to_get)
+
+
+def _preflight(options) -> None:
+    """Reads the pretrained weights file once, so that a missing, empty or corrupt one fails before the data."""
+    if options["pretrained"]:
+        read_torch_state_dict(_weights_path(options["backbone"], options["pretrained"]),
+                              how_to_get=BACKBONES[options["backbone"]].how_to_get)
+
+
 class _Backbones:
     """Makes backbone copies, reading a pretrained state dict once."""
 
     def __init__(self, name: str, pretrained: str):
-        if name not in BACKBONES:
-            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
+        path = _weights_path(name, pretrained) if pretrained else None
         self.spec = BACKBONES[name]
         self.state_dict = None
-        if pretrained:
-            path = self.spec.default_weights_path() if pretrained == "imagenet" else pretrained
-            if path is None:
-                raise FileNotFoundError(f"no ImageNet weights installed for {name!r}: {self.spec.how_to_get}")
+        if path is not None:
             self.state_dict = read_torch_state_dict(path, how_to_get=self.spec.how_to_get)
 
     def make(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -82,11 +98,40 @@ def _check_input(x: jax.Array, input_shape: tuple[int, ...], name: str) -> None:
                          f"(RGB in [0, 1], channels last), got {tuple(x.shape)}")
 
 
-class CubCNN(nnx.Module):
+BATCH_NORM_MODES = ("train", "frozen")
+
+
+class _BatchNormMode(nnx.Module):
+    """``batch_norm`` option of the CUB models: how the backbones' BatchNorm layers train.
+
+    ``"train"``: batch statistics in training, running statistics updated (``model.train()`` as usual);
+    ``"frozen"``: the running statistics the backbones start with (the pretrained ImageNet ones) in
+    training too, never updated; their scale and offset are still trained (docs/models.md, CUB).
+    Evaluation uses the running statistics in both.
+    """
+
+    batch_norm: str = "train"
+
+    def train(self, **attributes):
+        super().train(**attributes)
+        if self.batch_norm == "frozen":
+            self.set_attributes(nnx.BatchNorm, use_running_average=True, raise_if_not_found=False)
+
+
+def _check_batch_norm(mode: str) -> str:
+    if mode not in BATCH_NORM_MODES:
+        raise ValueError(f"batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got {mode!r}")
+    return mode
+
+
+class CubCNN(_BatchNormMode):
     """backbone -> pooled features -> dropout -> FC(num_classes); ``model(x)`` -> logits ``(B, num_classes)``."""
 
+    backbone_attributes = ("backbone",)  # the pretrained part (its own learning rate, train_state.GROUPS)
+
     def __init__(self, input_shape, num_classes: int, *, backbone: str, pretrained: str, dropout: float,
-                 rngs: nnx.Rngs):
+                 batch_norm: str, rngs: nnx.Rngs):
+        self.batch_norm = _check_batch_norm(batch_norm)
         maker = _Backbones(backbone, pretrained)
         self.input_shape, self.preprocess = tuple(input_shape), maker.spec.preprocess
         self.backbone = maker.make(rngs)
@@ -101,7 +146,7 @@ class CubCNN(nnx.Module):
         return logits, {"theta": [], "warped": [], "identity_penalty": jnp.zeros(())}
 
 
-class CubSTCNN(nnx.Module):
+class CubSTCNN(_BatchNormMode):
     """N attention transformers with a fixed scale, one shared localisation network, N part networks.
 
     ``model(x)``: ``x`` ``(B, S, S, 3)`` RGB in [0, 1] -> logits ``(B, num_classes)``;
@@ -109,9 +154,12 @@ class CubSTCNN(nnx.Module):
     ``(scale, tx, ty)``) and ``aux["warped"]`` (the N crops ``(B, crop, crop, 3)``).
     """
 
+    backbone_attributes = ("parts",)  # the pretrained part networks (the localisation network is group "loc")
+
     def __init__(self, input_shape, num_classes: int, *, num_transformers: int, backbone: str, pretrained: str,
-                 dropout: float, scale: float, crop_size: int, loc_channels: int, loc_hidden: int,
+                 dropout: float, batch_norm: str, scale: float, crop_size: int, loc_channels: int, loc_hidden: int,
                  rngs: nnx.Rngs):
+        self.batch_norm = _check_batch_norm(batch_norm)
         n = int(num_transformers)
         if n not in INITIAL_CENTRES:
             raise ValueError(f"num_transformers must be one of {sorted(INITIAL_CENTRES)}, got {n}")
@@ -181,7 +229,7 @@ class _LocHead(nnx.Module):
         return self.out(jax.nn.relu(self.fc(self.flatten(x))))
 
 
-_COMMON: dict[str, Any] = {"backbone": "efficientnet_lite0", "pretrained": "", "dropout": 0.7}
+_COMMON: dict[str, Any] = {"backbone": "efficientnet_lite0", "pretrained": "", "dropout": 0.7, "batch_norm": "train"}
 _ST: dict[str, Any] = {"scale": 0.5, "crop_size": 224, "loc_channels": 128, "loc_hidden": 128}
 
 
@@ -196,8 +244,10 @@ def _build_st(n: int):
 
 
 # Table 3: accuracy % -> error %.
-register(ModelSpec("cub_cnn", _build_cnn, dict(_COMMON), (), "CNN", ("cub",), {("cub224", ""): round(100 - 82.3, 1)}))
+register(ModelSpec("cub_cnn", _build_cnn, dict(_COMMON), (), "CNN", ("cub",), {("cub224", ""): round(100 - 82.3, 1)},
+                   preflight=_preflight))
 register(ModelSpec("cub_st2", _build_st(2), {**_COMMON, **_ST}, ("attention",), "2xST-CNN", ("cub",),
-                   {("cub224", "attention"): round(100 - 83.1, 1), ("cub448", "attention"): round(100 - 83.9, 1)}))
+                   {("cub224", "attention"): round(100 - 83.1, 1), ("cub448", "attention"): round(100 - 83.9, 1)},
+                   preflight=_preflight))
 register(ModelSpec("cub_st4", _build_st(4), {**_COMMON, **_ST}, ("attention",), "4xST-CNN", ("cub",),
-                   {("cub448", "attention"): round(100 - 84.1, 1)}))
+                   {("cub448", "attention"): round(100 - 84.1, 1)}, preflight=_preflight))

@@ -75,6 +75,24 @@ def nnx_to_torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def check_weights_path(path: str | os.PathLike, how_to_get: str | None = None) -> Path:
+    """``path`` as a `Path` if it names a non-empty file; else a one-line error naming it and what is wrong.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist (the message includes ``how_to_get``).
+      ValueError: ``path`` is a directory or an empty file.
+    """
+    path = Path(path).expanduser()
+    hint = f" {how_to_get}" if how_to_get else ""
+    if path.is_dir():
+        raise ValueError(f"weights file {path} is a directory, not a file: pass the .pth file itself.{hint}")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found.{hint}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"weights file {path} is empty (0 bytes): the download or copy did not complete.{hint}")
+    return path
+
+
 def read_torch_state_dict(path: str | os.PathLike, *, how_to_get: str | None = None) -> dict[str, np.ndarray]:
     """A PyTorch ``.pth`` state dict (legacy or zip format) as NumPy arrays, on the CPU.
 
@@ -83,12 +101,11 @@ def read_torch_state_dict(path: str | os.PathLike, *, how_to_get: str | None = N
 
     Raises:
       FileNotFoundError: ``path`` does not exist; the message includes ``how_to_get``.
+      ValueError: ``path`` is a directory, empty, or not a readable PyTorch file (truncated, corrupt,
+        another format); one line naming the file and the reader's complaint.
       ImportError: PyTorch is not installed.
     """
-    path = Path(path)
-    if not path.is_file():
-        hint = f" {how_to_get}" if how_to_get else ""
-        raise FileNotFoundError(f"weights file {path} not found.{hint}")
+    path = check_weights_path(path, how_to_get)
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -96,10 +113,16 @@ def read_torch_state_dict(path: str | os.PathLike, *, how_to_get: str | None = N
                           f"pip install torch (CPU build is enough), or load an orbax checkpoint written by "
                           f"save_converted instead") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, UnicodeDecodeError):
-        # Files pickled by Python 2 (the Caffe ports of pretrainedmodels) may need latin-1 for their strings.
-        obj = torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, UnicodeDecodeError):
+            # Files pickled by Python 2 (the Caffe ports of pretrainedmodels) may need latin-1 for their strings.
+            obj = torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
+    except Exception as e:  # noqa: BLE001 - whatever the reader trips on, the file is unusable
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        hint = f" {how_to_get}" if how_to_get else ""
+        raise ValueError(f"weights file {path} is not a readable PyTorch state dict ({type(e).__name__}"
+                         f"{': ' + first if first else ''}); it may be truncated or of another format.{hint}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
