@@ -1,4 +1,5 @@
-"""Shared fixtures and independent reference helpers for the stn_jax test suite.
+"""Shared fixtures and independent reference helpers for the stn_jax test suite, the shuffled order
+(``STN_JAX_TEST_SHUFFLE=<seed>``) and the guard that restores global settings after every test.
 
 Nothing here imports PyTorch at module level: `torch` is optional and only the
 parity module (tests/test_torch_parity.py) needs it.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import struct
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -32,6 +36,92 @@ MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k
 MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border", "reflection")
 ALIGN = (False, True)
+
+
+# ---------------------------------------------------------------------------
+# Test order and global settings.
+# ---------------------------------------------------------------------------
+
+# STN_JAX_TEST_SHUFFLE=<seed> runs the tests in a seeded random order (`pytest_collection_modifyitems`).
+SHUFFLE_VARIABLE = "STN_JAX_TEST_SHUFFLE"
+# Environment variables that change what the library or JAX computes; `restore_global_settings` guards them.
+GUARDED_ENVIRONMENT = ("STN_JAX_", "JAX_", "XLA_")
+
+
+def shuffle_seed() -> int | None:
+    """The seed in ``$STN_JAX_TEST_SHUFFLE``, or None where it is unset or empty."""
+    value = os.environ.get(SHUFFLE_VARIABLE, "")
+    try:
+        return int(value) if value else None
+    except ValueError:
+        raise pytest.UsageError(f"{SHUFFLE_VARIABLE} must be an integer seed, got {value!r}") from None
+
+
+def _shuffle_note() -> str | None:
+    seed = shuffle_seed()
+    return None if seed is None else f"shuffled order: {SHUFFLE_VARIABLE}={seed} (set it again to repeat the order)"
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    return _shuffle_note()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    note = _shuffle_note()
+    if note:
+        terminalreporter.write_line(note)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``$STN_JAX_TEST_SHUFFLE`` set: the modules in a random order, each module's tests in a random order.
+
+    The order is a function of the seed alone, so every pytest-xdist worker collects the same list (as
+    xdist requires) and the run can be repeated; a module's tests stay together, so module-scoped fixtures
+    are still built once per module and worker.
+    """
+    seed = shuffle_seed()
+    if seed is None:
+        return
+    rng = random.Random(seed)
+    modules: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    groups = list(modules.values())
+    rng.shuffle(groups)
+    for group in groups:
+        rng.shuffle(group)
+    items[:] = [item for group in groups for item in group]
+
+
+def _guarded_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(GUARDED_ENVIRONMENT)}
+
+
+@pytest.fixture(autouse=True)
+def restore_global_settings() -> Iterator[None]:
+    """Every test ends with the JAX configuration and the ``STN_JAX_*``, ``JAX_*`` and ``XLA_*`` environment
+    variables it started with, so that no test's result depends on the tests before it.
+
+    A test that changes one and does not restore it gets a warning naming it; the value is restored and
+    JAX's caches are cleared (a function compiled under a flag outside the cache keys, such as
+    ``jax_disable_most_optimizations``, would otherwise keep running with it).
+    """
+    config, environment = dict(jax.config.values), _guarded_environment()
+    yield
+    changed = sorted(k for k, v in config.items() if jax.config.values.get(k) != v)
+    for name in changed:
+        jax.config.update(name, config[name])
+    now = _guarded_environment()
+    changed_environment = sorted(k for k in environment.keys() | now.keys() if environment.get(k) != now.get(k))
+    for name in changed_environment:
+        if name in environment:
+            os.environ[name] = environment[name]
+        else:
+            del os.environ[name]
+    if changed or changed_environment:
+        jax.clear_caches()
+        warnings.warn(f"the test changed and did not restore {', '.join(changed + changed_environment)} "
+                      f"(restored, JAX's caches cleared)", stacklevel=1)
 
 
 # ---------------------------------------------------------------------------
@@ -271,8 +361,17 @@ def for_each_padding(sample, **options):
 @pytest.fixture
 def cheap_compilation():
     """XLA with most optimisations off during a test (a whole module: ``pytestmark =
-    pytest.mark.usefixtures("cheap_compilation")``): values the same to float tolerance, faster compilation."""
+    pytest.mark.usefixtures("cheap_compilation")``): values the same to float tolerance, faster compilation.
+
+    The flag is not part of JAX's compilation cache keys, so JAX's caches are cleared on entry and on exit:
+    no function compiled with the optimisations runs inside the test, and none compiled without them runs
+    after it (its floats differ in the last bits: other multiply-adds become fused multiply-adds).
+    """
     previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
+    jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+        jax.clear_caches()
