@@ -238,6 +238,8 @@ def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
     result = (dict(test_error=float(match.group(1)), test_loss=float(match.group(2))) if match else
               dict(localised=float(coloc.group(1)), mean_iou=float(coloc.group(2)), final_eval=final_eval(workdir)))
     resolved = json.loads((ROOT / workdir / "config.json").read_text())  # what the run used, defaults included
+    if resolved["model"]["name"] in CUB_TRANSFORMER_MODELS:
+        result["crops"] = measure_crops(workdir)
     return dict(config=cell.config, arg=cell.arg, task=cell.task, model=cell.model, transform=cell.transform,
                 seed=seed, steps=args.steps, batch_size=args.batch_size, source=_source_kind(args.source),
                 **({"overrides": overrides} if overrides else {}), **result, optimizer=resolved["optimizer"],
@@ -246,6 +248,18 @@ def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
                 date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {os.cpu_count()} CPUs",
                 versions=_versions(ROOT / workdir), commit=code_commit(),
                 module=cell.module, command=f"python -m {cell.module} " + " ".join(command[3:]))
+
+
+CUB_TRANSFORMER_MODELS = ("cub_st2", "cub_st4")
+
+
+def measure_crops(workdir: Path) -> dict:
+    """`experiments.cub_crops` on a finished CUB transformer run: where its crops are on the test set."""
+    out = subprocess.run([sys.executable, "-m", "experiments.cub_crops", f"--workdir={workdir}"], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"experiments.cub_crops failed on {workdir} with exit code {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _metrics(workdir: Path | str) -> list[dict]:
@@ -318,13 +332,33 @@ def coloc_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+STATED_BY_SCHEDULE = ("optimizer.decay_boundaries", "optimizer.decay_every", "optimizer.learning_rate")
+
+
+def schedule_text(r: dict) -> str:
+    """The learning rates a run used, from its resolved config (the row's ``optimizer`` and ``model_options``):
+    the base rate, its drops within the run, the backbone and localisation multipliers, the BatchNorm mode."""
+    opt = r.get("optimizer")
+    if opt is None:
+        return "schedule not recorded"
+    drops = [b for b in opt["decay_boundaries"] if b < r["steps"]]
+    text = f"lr {opt['learning_rate']:g}" + (f" x{opt['decay_factor']:g} at step {', '.join(map(str, drops))}"
+                                              if drops else " constant")
+    options = r.get("model_options", {})
+    extra = [f"backbone x{opt['backbone_lr_multiplier']:g}"] if "backbone" in options else []
+    extra += [f"localisation x{opt['loc_lr_multiplier']:g}"] if opt["loc_lr_multiplier"] != 1 else []
+    extra += [f"BatchNorm {options['batch_norm']}"] if "batch_norm" in options else []
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
 def _overrides_text(r: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items())
+    """The run's overrides beyond the budget, except what `schedule_text` states; then its schedule."""
+    given = [f"{k}={v}" for k, v in r.get("overrides", {}).items() if k not in STATED_BY_SCHEDULE]
+    return "; ".join([", ".join(given)] * bool(given) + [schedule_text(r)])
 
 
 def _budget_text(r: dict) -> str:
-    extra = _overrides_text(r)
-    return f"{r['steps']} steps of batch {r['batch_size']}" + (f" ({extra})" if extra else "")
+    return f"{r['steps']} steps of batch {r['batch_size']}; {_overrides_text(r)}"
 
 
 def svhn_table(rows: list[dict]) -> str:
@@ -364,31 +398,50 @@ def _run_details(runs: list[dict], score_name: str, score) -> list[str]:
            f"on {runs[0]['machine']}, jax {runs[0]['versions'].get('jax', '?')}; seeds "
            f"{sorted({r['seed'] for r in runs})}.\n",
            "<details><summary>Every run</summary>\n",
-           f"| run | seed | {score_name} | test loss | wall s | command |", "|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["arg"], r["seed"])):
-        out.append(f"| {r['arg']} | {r['seed']} | {score(r):.2f} | {r['test_loss']:.4f} | {r['wall_time_s']:.0f} | "
-                   f"`{r['command']}` |")
+           f"| run | seed | {score_name} | test loss | schedule (the run's config) | wall s | command |",
+           "|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["arg"], r.get("module", TRAIN), r["seed"])):
+        schedule = "– (no training)" if r.get("module") == PROBE else schedule_text(r)
+        out.append(f"| {r['arg']} | {r['seed']} | {score(r):.2f} | {r['test_loss']:.4f} | {schedule} | "
+                   f"{r['wall_time_s']:.0f} | `{r['command']}` |")
     return out + ["\n</details>\n"]
 
 
+def _crops_text(r: dict) -> str:
+    """Mean |t - t0| per transformer over the test set (`experiments.cub_crops`), or "-" when not measured."""
+    crops = r.get("crops")
+    return " / ".join(f"{v:.3f}" for v in crops["mean_abs_shift"]) if crops else "–"
+
+
 def cub_table(rows: list[dict]) -> str:
-    """CUB rows: test accuracy % per Table 3 row (config argument) beside the paper's (Inception-BN, 200 classes)."""
+    """CUB rows: test accuracy % per Table 3 row beside the paper's (Inception-BN, 200 classes) and the frozen
+    backbone's linear probe (the anchor), with the schedule every run used and how far the crops moved."""
+    probes = [r for r in rows if r.get("module") == PROBE]
     out = []
-    for budget in sorted({_budget_text(r) for r in rows}):
-        runs = [r for r in rows if _budget_text(r) == budget]
+    for budget in sorted({_budget_text(r) for r in rows if r not in probes}):
+        runs = [r for r in rows if _budget_text(r) == budget and r not in probes]
+        anchors = [r for r in probes if (r["steps"], r["batch_size"]) == (runs[0]["steps"], runs[0]["batch_size"])
+                   and r["model_options"]["backbone"] in {x.get("model_options", {}).get("backbone") for x in runs}
+                   and r.get("overrides", {}).get("data.classes") == runs[0].get("overrides", {}).get("data.classes")]
         out.append(f"### {task_title('cub')}: {budget}\n")
-        out.append("Test accuracy %, ours (mean ± std over seeds) / paper's Table 3 (Inception-BN, all 200 classes)\n")
-        out.append("| model | backbone | input | ours | paper |")
-        out.append("|---|---|---|---|---|")
+        out.append("Test accuracy %, ours (mean ± std over seeds) / paper's Table 3 (Inception-BN, all 200 classes); "
+                   "crop shift: mean |t - t0| per transformer over the test set (normalised coordinates, 1 = half "
+                   "the image side), `python -m experiments.cub_crops`\n")
+        out.append("| model | backbone | input | ours | paper | crop shift |")
+        out.append("|---|---|---|---|---|---|")
+        for r in anchors:
+            out.append(f"| linear probe (frozen backbone, anchor) | {r['model_options']['backbone']} | 224 px | "
+                       f"{100 * (1 - r['test_error']):.2f} | - | – |")
         for arg in sorted({r["arg"] for r in runs}, key=lambda a: a.split(",")[1]):
             rs = [r for r in runs if r["arg"] == arg]
             backbone, row = arg.split(",")[:2]
             size = row[-3:]
             paper = paper_error(f"cub{size}", rs[0]["model"], rs[0]["transform"])
             accuracy = _stats([1 - r["test_error"] for r in rs])
+            shifts = "; ".join(_crops_text(r) for r in rs) if rs[0]["transform"] else "–"
             out.append(f"| {display_name(rs[0]['model'], rs[0]['transform'])} | {backbone} | {size} px | {accuracy} | "
-                       f"{'-' if paper is None else f'{100 - paper:.1f}'} |")
-        out += _run_details(runs, "accuracy %", lambda r: 100 * (1 - r["test_error"]))
+                       f"{'-' if paper is None else f'{100 - paper:.1f}'} | {shifts} |")
+        out += _run_details(anchors + runs, "accuracy %", lambda r: 100 * (1 - r["test_error"]))
     return "\n".join(out)
 
 
@@ -439,11 +492,11 @@ def tables(rows: list[dict]) -> str:
                    f"{runs[0]['machine']}, jax {runs[0]['versions'].get('jax', '?')}; seeds "
                    f"{sorted({r['seed'] for r in runs})}.\n")
         out.append("<details><summary>Every run (test error %, wall time, command)</summary>\n")
-        out.append("| run | seed | test error % | test loss | wall s | command |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| run | seed | test error % | test loss | schedule (the run's config) | wall s | command |")
+        out.append("|---|---|---|---|---|---|---|")
         for r in sorted(runs, key=lambda r: (r["task"], r["model"], r["transform"], r["seed"])):
             out.append(f"| {r['task']} {r['model']} {r['transform']} | {r['seed']} | {100 * r['test_error']:.2f} | "
-                       f"{r['test_loss']:.4f} | {r['wall_time_s']:.0f} | `{r['command']}` |")
+                       f"{r['test_loss']:.4f} | {schedule_text(r)} | {r['wall_time_s']:.0f} | `{r['command']}` |")
         out.append("\n</details>\n")
     if svhn:
         out.append(svhn_table(svhn))
@@ -504,7 +557,8 @@ def _pictures(rows: list[dict]) -> None:
     """The last transformer picture (inputs with sampling grids, outputs) of one ST run per config argument.
 
     The first seed's run at the longest budget is shown; when its workdir is not here, the picture already
-    in docs/images is kept. Co-localisation has its own figure (docs/coloc.md).
+    in docs/images is kept. CUB runs add their test birds with the crops (``*_crops.png``,
+    `experiments.cub_crops`). Co-localisation has its own figure (docs/coloc.md).
     """
     shown = {}
     for r in sorted(rows, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):
@@ -513,10 +567,13 @@ def _pictures(rows: list[dict]) -> None:
     kept = []
     for name, r in shown.items():
         pictures = sorted((ROOT / r["workdir"] / "images").glob("transformer_step*.png"))
+        crops = ROOT / r["workdir"] / "images" / "crops_test.png"
         if pictures:
             _copy_picture(pictures[-1], IMAGES / name)
         else:
             kept.append(name)
+        if crops.exists():
+            _copy_picture(crops, IMAGES / name.replace(".png", "_crops.png"), max_width=1400)
     if kept:
         print(f"[reproduce] kept {len(kept)} transformer pictures whose runs have no workdir here "
               f"(e.g. {kept[0]})", flush=True)

@@ -115,3 +115,83 @@ def test_every_tiny_variant_trains_and_resumes_bit_identically(backbone, row, ge
     assert stats, "the CUB model has BatchNorm statistics"
     for x, y in zip(jax.tree.leaves((a.params, a.model_state)), jax.tree.leaves((b.params, b.model_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_parameter_groups_put_backbones_loc_and_head_apart():
+    """The pretrained part networks are group ``backbone``, the localisation network (its own backbone copy
+    included) ``loc``, the classifier ``main``."""
+    from stn_jax.paper import train_state
+
+    model = models.abstract_model("cub_st2", "attention", (64, 64, 3), 3, crop_size=32)
+    _, params, _, _ = train_state.split_model(model)
+    labels = train_state.param_labels(params, model.backbone_attributes)
+    counts = {g: sum(int(np.prod(p.shape)) for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+                     if label == g) for g in train_state.GROUPS}
+    assert counts == {"backbone": 2 * 3_371_008,  # two EfficientNet-Lite0 part networks without classifiers
+                      "main": (2 * 1280 + 1) * 3, "loc": count_params(model, LocalisationParam)}
+    assert models.cub.CubCNN.backbone_attributes == ("backbone",)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "train"])
+def test_batch_norm_mode_decides_whether_training_uses_and_updates_batch_statistics(mode):
+    """``model.train()`` of a CUB model: every BatchNorm on running statistics when frozen (dropout still
+    trains); a forward pass in training mode then leaves the statistics as they are, and updates them when
+    not frozen. ``model.eval()`` uses running statistics in both modes."""
+    from stn_jax.paper.models.cub import _BatchNormMode
+
+    model = models.abstract_model("cub_cnn", None, (32, 32, 3), 3, batch_norm=mode)
+    model.train()
+    norms = [m for _, m in model.iter_modules() if isinstance(m, nnx.BatchNorm)]
+    assert len(norms) == 49 and all(m.use_running_average == (mode == "frozen") for m in norms)
+    assert not model.dropout.deterministic
+    model.eval()
+    assert all(m.use_running_average for m in norms)
+
+    class Small(_BatchNormMode):  # the same switch on one BatchNorm, to run it
+        def __init__(self):
+            self.batch_norm = mode
+            self.norm = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+
+    small = Small()
+    small.train()
+    x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (8, 2)), jnp.float32)
+    y = small.norm(x)
+    changed = not np.array_equal(np.asarray(small.norm.mean[...]), np.zeros(2))
+    assert changed == (mode == "train")
+    if mode == "frozen":  # running statistics (0, 1): the identity up to epsilon
+        np.testing.assert_allclose(y, x / np.sqrt(1 + small.norm.epsilon), rtol=1e-6)
+    with pytest.raises(ValueError, match="batch_norm must be one of train, frozen"):
+        models.abstract_model("cub_cnn", None, (32, 32, 3), 3, batch_norm="eval")
+
+
+def _bad_weights(tmp_path, kind):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "corrupt":
+        path.write_bytes(b"PK\x03\x04 not a zip archive" + bytes(range(256)) * 4)
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [("directory", "is a directory, not a file"),
+                                          ("empty", r"is empty \(0 bytes\)"),
+                                          ("corrupt", "is not a readable PyTorch state dict"),
+                                          ("absent", "not found")])
+def test_a_bad_weights_file_is_one_line_before_any_data_is_cached(tmp_path, generated_cub, kind, message):
+    """``--config.model.options.pretrained`` naming a directory, an empty, corrupt or absent file fails in one
+    line naming it, before the data set's resize cache is built."""
+    from stn_jax.paper.train_state import setup
+
+    if kind == "corrupt":
+        pytest.importorskip("torch", reason="reading a .pth file needs PyTorch (the CUB weights are PyTorch files)")
+    path = _bad_weights(tmp_path, kind)
+    config = cub_config.get_config("efficientnet_lite0,cnn224,tiny")
+    config.model.options.pretrained = str(path)
+    config.data.source = str(generated_cub)
+    config.data.cache_dir = str(tmp_path / "cache")
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
+        setup(resolve(config))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "cache").exists()

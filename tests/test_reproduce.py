@@ -9,13 +9,17 @@ from PIL import Image
 
 from experiments import reproduce
 
+OPTIMIZER = {"name": "sgd", "learning_rate": 0.01, "decay_boundaries": [], "decay_factor": 0.1, "momentum": 0.9,
+             "nesterov": False, "weight_decay": 0.0, "loc_lr_multiplier": 1.0, "backbone_lr_multiplier": 1.0}
+
 
 def row(task, model, transform, seed, error, steps=500, batch_size=64, source="idx", config="distorted_mnist"):
     arg = ",".join(p for p in ((model, transform) if task == "addition" else (task, model, transform)) if p)
     return dict(config=config, arg=arg, task=task, model=model, transform=transform, seed=seed, steps=steps,
-                batch_size=batch_size, source=source, test_error=error, test_loss=0.5, wall_time_s=100.0,
-                resumed=False, workdir="nowhere", date="2026-11-29", machine="x86_64 2 CPUs",
-                versions={"jax": "0.10.2"}, command=f"python -m experiments.train --config=...:{arg}")
+                batch_size=batch_size, source=source, test_error=error, test_loss=0.5, optimizer=dict(OPTIMIZER),
+                model_options={}, wall_time_s=100.0, resumed=False, workdir="nowhere", date="2026-11-29",
+                machine="x86_64 2 CPUs", versions={"jax": "0.10.2"},
+                command=f"python -m experiments.train --config=...:{arg}")
 
 
 def test_studies_hold_the_papers_cells():
@@ -40,19 +44,26 @@ def test_a_run_is_done_only_for_the_same_config_seed_budget_source_and_overrides
     assert not reproduce._done(rows, cell, 0, 1000, 64, "/data/mnist", {})
     assert not reproduce._done(rows, cell, 0, 500, 256, "/data/mnist", {})
     assert not reproduce._done(rows, cell, 0, 500, 64, "tfds", {})
-    assert not reproduce._done(rows, cell, 0, 500, 64, "/data/mnist", {"optimizer.decay_every": "250"})
-    rows[0]["overrides"] = {"optimizer.decay_every": "250"}
-    assert reproduce._done(rows, cell, 0, 500, 64, "/data/mnist", {"optimizer.decay_every": "250"})
+    assert not reproduce._done(rows, cell, 0, 500, 64, "/data/mnist", {"optimizer.decay_boundaries": "(250,)"})
+    rows[0]["overrides"] = {"optimizer.decay_boundaries": "(250,)"}
+    assert reproduce._done(rows, cell, 0, 500, 64, "/data/mnist", {"optimizer.decay_boundaries": "(250,)"})
     assert reproduce.run_name(cell, 1, 500, 64) == "rts_st_cnn_tps_s1_b64_n500"
-    a = reproduce.run_name(cell, 1, 500, 64, {"optimizer.decay_every": "250"})
-    b = reproduce.run_name(cell, 1, 500, 64, {"optimizer.decay_every": "100"})
+    a = reproduce.run_name(cell, 1, 500, 64, {"optimizer.decay_boundaries": "(250,)"})
+    b = reproduce.run_name(cell, 1, 500, 64, {"optimizer.decay_boundaries": "(100,)"})
     assert a.startswith("rts_st_cnn_tps_s1_b64_n500_o") and a != b
+    # The linear probe of a CNN config is another run than the CNN's training.
+    probe = reproduce.Cell("cub", "cub", "cub_cnn", "", 1, "efficientnet_lite0,cnn224", reproduce.PROBE)
+    trained = reproduce.Cell("cub", "cub", "cub_cnn", "", 1, "efficientnet_lite0,cnn224")
+    cub_rows = [{**row("cub", "cub_cnn", "", 0, 0.2, config="cub"), "arg": trained.arg}]
+    assert reproduce._done(cub_rows, trained, 0, 500, 64, "x", {}) and not reproduce._done(cub_rows, probe, 0, 500,
+                                                                                           64, "x", {})
+    assert reproduce.run_name(probe, 0, 500, 64) != reproduce.run_name(trained, 0, 500, 64)
 
 
 def test_overrides_scale_the_decay_into_the_budget_and_parse_key_values():
     assert reproduce.budget_overrides(1200, 0, {}) == {}
-    assert reproduce.budget_overrides(1200, 1, {}) == {"optimizer.decay_every": "600"}
-    assert reproduce.budget_overrides(1200, 2, {"a.b": "1"}) == {"a.b": "1", "optimizer.decay_every": "400"}
+    assert reproduce.budget_overrides(1200, 1, {}) == {"optimizer.decay_boundaries": "(600,)"}
+    assert reproduce.budget_overrides(1200, 2, {"a.b": "1"}) == {"a.b": "1", "optimizer.decay_boundaries": "(400,800,)"}
     assert reproduce.parse_overrides(["b=2", "a.x = 0.5"]) == {"a.x": "0.5", "b": "2"}
     with pytest.raises(ValueError, match="--set takes key=value"):
         reproduce.parse_overrides(["width"])
@@ -61,8 +72,10 @@ def test_overrides_scale_the_decay_into_the_budget_and_parse_key_values():
 def test_svhn_and_cub_studies_hold_table_2_and_3_cells():
     svhn = reproduce.STUDIES["svhn"](1)
     assert [c.arg for c in svhn] == [f"{m},{s},synthetic" for s in (64, 128) for m in ("cnn", "st_single", "st_multi")]
-    cub = reproduce.STUDIES["cub"](1)
-    assert [c.arg for c in cub] == ["efficientnet_lite0,cnn224", "efficientnet_lite0,st2_448"]
+    cub = reproduce.STUDIES["cub"](2)
+    assert [(c.arg, c.module, c.seeds) for c in cub] == [
+        ("efficientnet_lite0,cnn224", reproduce.PROBE, 1), ("efficientnet_lite0,cnn224", reproduce.TRAIN, 2),
+        ("efficientnet_lite0,st2_448", reproduce.TRAIN, 2), ("efficientnet_lite0,st4_448", reproduce.TRAIN, 1)]
     for cell in svhn:
         size = cell.arg.split(",")[1]
         assert reproduce.paper_error(f"svhn{size}", cell.model, cell.transform) is not None, cell
@@ -76,20 +89,64 @@ def test_svhn_table_gives_both_framings_and_the_change_beside_table_2():
     rows = [svhn_row("cnn", "svhn_cnn", "", 64, 0.10), svhn_row("cnn", "svhn_cnn", "", 128, 0.30),
             svhn_row("st_multi", "svhn_st_multi", "affine", 64, 0.12)]
     text = reproduce.tables(rows)
-    assert "### Synthetic house numbers: 1200 steps of batch 32 (optimizer.name=adam)" in text
+    assert "### Synthetic house numbers: 1200 steps of batch 32; optimizer.name=adam; lr 0.01 constant\n" in text
     assert "| CNN | 10.00 / 4.0 | 30.00 / 5.6 | +20.00 / +1.6 |" in text
     assert "| ST-CNN Multi Aff | 12.00 / 3.6 | not run / 3.9 | – / +0.3 |" in text
     assert "Distorted MNIST" not in text
 
 
-def test_cub_table_gives_accuracy_beside_table_3():
-    def cub_row(arg, model, transform, error):
-        r = row("cub", model, transform, 0, error, steps=225, batch_size=8, config="cub")
-        return {**r, "arg": arg}
-    text = reproduce.tables([cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.25),
-                             cub_row("efficientnet_lite0,st2_448", "cub_st2", "attention", 0.2)])
-    assert "| CNN | efficientnet_lite0 | 224 px | 75.00 | 82.3 |" in text
-    assert "| 2xST-CNN | efficientnet_lite0 | 448 px | 80.00 | 83.9 |" in text
+def test_cub_table_gives_accuracy_beside_table_3_the_probe_the_schedule_and_the_crops():
+    def cub_row(arg, model, transform, error, **extra):
+        r = row("cub", model, transform, 0, error, steps=452, batch_size=8, config="cub")
+        options = {"backbone": "efficientnet_lite0", "batch_norm": "frozen"}
+        optimizer = {**OPTIMIZER, "decay_boundaries": [226, 10_000], "backbone_lr_multiplier": 0.01,
+                     "loc_lr_multiplier": 1e-4}
+        return {**r, "arg": arg, "overrides": {"data.classes": "1-30", "optimizer.decay_boundaries": "(226,)"},
+                "optimizer": optimizer, "model_options": options, **extra}
+    text = reproduce.tables([
+        cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.19, module=reproduce.PROBE),
+        cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.25),
+        cub_row("efficientnet_lite0,st2_448", "cub_st2", "attention", 0.2,
+                crops={"mean_abs_shift": [0.05, 0.125]})])
+    heading = ("### CUB-200-2011: 452 steps of batch 8; data.classes=1-30; lr 0.01 x0.1 at step 226 (backbone x0.01, "
+               "localisation x0.0001, BatchNorm frozen)")
+    assert heading in text and text.count("### CUB") == 1  # the probe is the anchor row, not its own budget
+    assert "| linear probe (frozen backbone, anchor) | efficientnet_lite0 | 224 px | 81.00 | - | – |" in text
+    assert "| CNN | efficientnet_lite0 | 224 px | 75.00 | 82.3 | – |" in text
+    assert "| 2xST-CNN | efficientnet_lite0 | 448 px | 80.00 | 83.9 | 0.050 / 0.125 |" in text
+    assert "| – (no training) |" in text
+
+
+def test_schedule_text_states_the_drops_within_the_run():
+    r = row("rts", "cnn", "", 0, 0.1, steps=3000)
+    assert reproduce.schedule_text(r) == "lr 0.01 constant"
+    r["optimizer"] = {**OPTIMIZER, "decay_boundaries": [1500, 50_000]}
+    assert reproduce.schedule_text(r) == "lr 0.01 x0.1 at step 1500"
+    assert reproduce.schedule_text({**r, "optimizer": None}) == "schedule not recorded"
+
+
+def test_a_runs_logged_learning_rates_are_what_its_row_says(tmp_path, monkeypatch, synthetic_mnist):
+    """A real (tiny) study run: every logged rate equals the schedule of the row, from the run's own config."""
+    import argparse
+
+    import optax
+
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "runs.jsonl")
+    cell = reproduce.Cell("distorted_mnist", "rts", "st_fcn", "affine", 1)
+    args = argparse.Namespace(workroot=str(tmp_path / "runs"), source=synthetic_mnist, steps=6, batch_size=8,
+                              evals=1)
+    overrides = reproduce.budget_overrides(6, 2, {"optimizer.loc_lr_multiplier": "0.5",
+                                                  "data.test_size": "16", "eval_batch_size": "16"})
+    r = reproduce.run_cell(cell, 0, args, overrides)
+    assert r["optimizer"]["decay_boundaries"] == [2, 4] and reproduce.schedule_text(r) == (
+        "lr 0.01 x0.1 at step 2, 4 (localisation x0.5)")
+    schedule = optax.piecewise_constant_schedule(r["optimizer"]["learning_rate"], {
+        b: r["optimizer"]["decay_factor"] for b in r["optimizer"]["decay_boundaries"]})
+    logged = [m for m in reproduce._metrics(r["workdir"]) if "learning_rate" in m]
+    assert [m["step"] for m in logged] == list(range(1, 7))  # one record per step (log_every 1)
+    for m in logged:  # the record of step s is the update that step s - 1 -> s made
+        assert m["learning_rate"] == pytest.approx(float(schedule(m["step"] - 1)), rel=1e-6)
+        assert m["learning_rate_loc"] == pytest.approx(0.5 * float(schedule(m["step"] - 1)), rel=1e-6)
 
 
 def test_picture_names_follow_the_config_argument():
@@ -154,8 +211,8 @@ def test_runs_with_other_overrides_are_a_separate_budget():
     adam = {**row("addition", "add_fcn", "", 0, 0.5, steps=3000, config="mnist_addition"),
             "overrides": {"optimizer.name": "adam"}}
     text = reproduce.tables([plain, adam])
-    assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST)\n" in text
-    assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST); optimizer.name=adam\n" in text
+    assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST); lr 0.01 constant\n" in text
+    assert "### Budget: 3000 steps of batch 64 (3.2 epochs of MNIST); optimizer.name=adam; lr 0.01 constant\n" in text
     assert "| FCN | 90.00 / 47.7 |" in text and "| FCN | 50.00 / 47.7 |" in text
 
 

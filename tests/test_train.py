@@ -7,6 +7,7 @@ multi-process runs are subprocesses, since JAX fixes its devices at start-up.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -310,20 +311,45 @@ def test_every_family_config_builds_its_model_and_data(synthetic_mnist):
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
-def test_optimizer_groups_follow_optax_with_the_localisation_multiplier(name):
-    """One update of ``make_optimizer`` equals optax's own optimiser on each group, the localisation group at
-    ``loc_lr_multiplier`` x the learning rate, weight decay added to the gradient."""
+def test_optimizer_groups_follow_optax_with_their_multipliers(name):
+    """One update of ``make_optimizer`` equals optax's own optimiser on each group: the localisation group at
+    ``loc_lr_multiplier`` and the backbone (a ``main`` leaf under a backbone attribute) at
+    ``backbone_lr_multiplier`` x the learning rate, weight decay added to the gradient."""
     import ml_collections
     import optax
 
     opt = ml_collections.ConfigDict({**trainer_defaults()["optimizer"], "name": name, "learning_rate": 0.1,
-                                     "loc_lr_multiplier": 0.01, "weight_decay": 1e-3})
-    params = {"loc": {"w": np.array([1.0, -2.0], np.float32)}, "main": {"w": np.array([0.5, 3.0], np.float32)}}
-    grads = {"loc": {"w": np.array([0.2, 0.4], np.float32)}, "main": {"w": np.array([-1.0, 0.25], np.float32)}}
-    tx = train_state.make_optimizer(opt)
+                                     "loc_lr_multiplier": 0.01, "backbone_lr_multiplier": 0.1,
+                                     "weight_decay": 1e-3})
+    vec = lambda *v: np.array(v, np.float32)  # noqa: E731
+    params = {"loc": {"w": vec(1.0, -2.0)}, "main": {"backbone": {"w": vec(2.0, 1.0)}, "fc": {"w": vec(0.5, 3.0)}}}
+    grads = {"loc": {"w": vec(0.2, 0.4)}, "main": {"backbone": {"w": vec(0.3, -0.1)}, "fc": {"w": vec(-1.0, 0.25)}}}
+    labels = train_state.param_labels(params, ("backbone",))
+    assert labels == {"loc": {"w": "loc"}, "main": {"backbone": {"w": "backbone"}, "fc": {"w": "main"}}}
+    tx = train_state.make_optimizer(opt, labels)
     updates, _ = tx.update(grads, tx.init(params), params)
-    for group, rate in (("loc", 0.001), ("main", 0.1)):
+    for where, rate in ((("loc",), 0.001), (("main", "backbone"), 0.01), (("main", "fc"), 0.1)):
         base = optax.adam(rate) if name == "adam" else optax.sgd(rate, momentum=0.9)
         reference = optax.chain(optax.add_decayed_weights(1e-3), base)
-        expected, _ = reference.update(grads[group], reference.init(params[group]), params[group])
-        np.testing.assert_allclose(updates[group]["w"], expected["w"], rtol=1e-6)
+        get = lambda tree: functools.reduce(lambda t, k: t[k], where, tree)  # noqa: E731
+        expected, _ = reference.update(get(grads), reference.init(get(params)), get(params))
+        np.testing.assert_allclose(get(updates)["w"], expected["w"], rtol=1e-6)
+    rates = train_state.learning_rates(opt, ("main", "backbone", "loc"), jnp.int32(0))
+    assert {k: round(float(v), 8) for k, v in rates.items()} == {
+        "learning_rate": 0.1, "learning_rate_backbone": 0.01, "learning_rate_loc": 0.001}
+
+
+def test_schedule_drops_at_each_boundary_and_boundaries_are_checked():
+    import ml_collections
+
+    opt = ml_collections.ConfigDict({**trainer_defaults()["optimizer"], "learning_rate": 0.1,
+                                     "decay_boundaries": (3, 5), "decay_factor": 0.5})
+    schedule = train_state.make_schedule(opt)
+    assert [round(float(schedule(s)), 6) for s in range(7)] == [0.1, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    base = {"model": {"name": "cnn"}, "data": {"task": "rts"}}
+    assert resolve({**base, "optimizer": {"decay_boundaries": 7}}).optimizer.decay_boundaries == (7,)
+    for bad in ((5, 3), (0,), "1500", (1.5,)):
+        with pytest.raises(ValueError, match="decay_boundaries"):
+            resolve({**base, "optimizer": {"decay_boundaries": bad}})
+    with pytest.raises(ValueError, match="unknown config key 'config.optimizer.decay_every'"):
+        resolve({**base, "optimizer": {"decay_every": 100}})

@@ -56,11 +56,15 @@ INITIAL_CENTRES = {1: [(0.0, 0.0)], 2: [(0.0, -0.5), (0.0, 0.5)],
 """Initial crop centres (normalised x, y) per number of transformers [U]: halves for 2, quadrants for 4."""
 
 
-def _weights_path(name: str, pretrained: str) -> Path:
-    """The weights file of option ``pretrained`` (``"imagenet"``: the backbone's installed file), checked."""
+def _backbone_spec(name: str):
     if name not in BACKBONES:
         raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}")
-    spec = BACKBONES[name]
+    return BACKBONES[name]
+
+
+def _weights_path(name: str, pretrained: str) -> Path:
+    """The weights file of option ``pretrained`` (``"imagenet"``: the backbone's installed file), checked."""
+    spec = _backbone_spec(name)
     path = spec.default_weights_path() if pretrained == "imagenet" else pretrained
     if path is None:
         raise FileNotFoundError(f"no ImageNet weights installed for {name!r}: {spec.how_to_get}")
@@ -71,15 +75,15 @@ def _preflight(options) -> None:
     """Reads the pretrained weights file once, so that a missing, empty or corrupt one fails before the data."""
     if options["pretrained"]:
         read_torch_state_dict(_weights_path(options["backbone"], options["pretrained"]),
-                              how_to_get=BACKBONES[options["backbone"]].how_to_get)
+                              how_to_get=_backbone_spec(options["backbone"]).how_to_get)
 
 
 class _Backbones:
     """Makes backbone copies, reading a pretrained state dict once."""
 
     def __init__(self, name: str, pretrained: str):
+        self.spec = _backbone_spec(name)
         path = _weights_path(name, pretrained) if pretrained else None
-        self.spec = BACKBONES[name]
         self.state_dict = None
         if path is not None:
             self.state_dict = read_torch_state_dict(path, how_to_get=self.spec.how_to_get)
