@@ -35,7 +35,7 @@ def main(argv) -> None:
     del argv
     from stn_jax.paper import probe
     from stn_jax.paper.config import resolve
-    from stn_jax.paper.train import prepare_workdir
+    from stn_jax.paper.train import prepare_workdir, versions
     from stn_jax.paper.train_state import setup
 
     config = resolve(FLAGS.config)
@@ -44,6 +44,7 @@ def main(argv) -> None:
                          f"{config.model.name!r}")
     workdir = prepare_workdir(FLAGS.workdir)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    (workdir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
     s = setup(config, cache_dir=str(workdir / "data"))
     ds = s.dataset
     cached = workdir / "features.npz"

@@ -420,9 +420,11 @@ def cub_table(rows: list[dict]) -> str:
     out = []
     for budget in sorted({_budget_text(r) for r in rows if r not in probes}):
         runs = [r for r in rows if _budget_text(r) == budget and r not in probes]
-        anchors = [r for r in probes if (r["steps"], r["batch_size"]) == (runs[0]["steps"], runs[0]["batch_size"])
-                   and r["model_options"]["backbone"] in {x.get("model_options", {}).get("backbone") for x in runs}
+        # The anchor does not depend on a budget: the newest probe of the same backbone and classes.
+        anchors = [r for r in probes if r["model_options"]["backbone"] in {x.get("model_options", {}).get("backbone")
+                                                                             for x in runs}
                    and r.get("overrides", {}).get("data.classes") == runs[0].get("overrides", {}).get("data.classes")]
+        anchors = anchors[-1:]
         out.append(f"### {task_title('cub')}: {budget}\n")
         out.append("Test accuracy %, ours (mean ± std over seeds) / paper's Table 3 (Inception-BN, all 200 classes); "
                    "crop shift: mean |t - t0| per transformer over the test set (normalised coordinates, 1 = half "
@@ -508,7 +510,8 @@ def tables(rows: list[dict]) -> str:
 
 
 def _curves(rows: list[dict]) -> None:
-    """Training curves (train loss, test error) per task, from the runs' metrics.jsonl."""
+    """Training curves (train loss, test error) per task, from the runs' metrics.jsonl: the runs of the
+    task's longest budget (steps x batch); a linear probe at that budget is a horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -519,13 +522,16 @@ def _curves(rows: list[dict]) -> None:
         if "test_error" in r:
             by_task[r["task"]].append(r)
     for task, runs in by_task.items():
+        longest = max(r["steps"] * r["batch_size"] for r in runs)
+        runs = [r for r in runs if r["steps"] * r["batch_size"] == longest]
+        probes = [r for r in runs if r.get("module") == PROBE]
+        runs = [r for r in runs if r not in probes]
         missing = [r["workdir"] for r in runs if not (ROOT / r["workdir"] / "metrics.jsonl").exists()]
         if missing:
             print(f"[reproduce] kept results_curves_{task}.png: {len(missing)} of its {len(runs)} runs have no "
                   f"metrics.jsonl here (e.g. {missing[0]})", flush=True)
             continue
         fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 3.6))
-        several_budgets = len({(r["steps"], r["batch_size"]) for r in runs}) > 1
         for r in sorted(runs, key=lambda r: (r["model"], r["transform"], r["seed"], r["steps"])):
             lines = _metrics(r["workdir"])
             train = [(m["step"], m["loss"]) for m in lines if "loss" in m]
@@ -533,12 +539,12 @@ def _curves(rows: list[dict]) -> None:
             label = f"{display_name(r['model'], r['transform'])} s{r['seed']}"
             if r["config"] == "svhn":
                 label += f" {r['arg'].split(',')[1]} px"
-            if several_budgets:
-                label += f" ({r['steps']} x {r['batch_size']})"
             if train:
                 ax_loss.plot(*zip(*train), label=label, lw=1)
             if test:
                 ax_err.plot(*zip(*test), marker="o", label=label, lw=1)
+        for r in probes:
+            ax_err.axhline(100 * r["test_error"], color="k", ls="--", lw=1, label="linear probe (frozen backbone)")
         ax_loss.set(xlabel="step", ylabel="train loss", yscale="log", title=f"{task_title(task)}: training loss")
         ax_err.set(xlabel="step", ylabel="test error %", yscale="log", title=f"{task_title(task)}: test error")
         ax_err.legend(fontsize=6, ncol=2)

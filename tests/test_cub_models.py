@@ -141,7 +141,7 @@ def test_batch_norm_mode_decides_whether_training_uses_and_updates_batch_statist
 
     model = models.abstract_model("cub_cnn", None, (32, 32, 3), 3, batch_norm=mode)
     model.train()
-    norms = [m for _, m in model.iter_modules() if isinstance(m, nnx.BatchNorm)]
+    norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
     assert len(norms) == 49 and all(m.use_running_average == (mode == "frozen") for m in norms)
     assert not model.dropout.deterministic
     model.eval()

@@ -161,7 +161,8 @@ def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices ({n})")
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions of Python, the project and its main packages, and the devices (``versions.json``)."""
     out = {"python": platform.python_version()}
     for name in ("stn_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections",
                  "tensorflow-datasets"):
@@ -248,7 +249,7 @@ def write_records(config: ml_collections.ConfigDict, workdir: Path, changes: lis
     """``config.json`` (the config in force), ``versions.json`` and a line in ``config_history.jsonl``."""
     text = config.to_json_best_effort(indent=2) + "\n"
     (workdir / "config.json").write_text(text)
-    (workdir / "versions.json").write_text(json.dumps(_versions(), indent=2) + "\n")
+    (workdir / "versions.json").write_text(json.dumps(versions(), indent=2) + "\n")
     with open(workdir / "config_history.jsonl", "a") as f:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes,
                             "config": json.loads(text)}) + "\n")
