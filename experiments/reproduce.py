@@ -84,6 +84,7 @@ class Cell:
     seeds: int
     variant: str = ""  # the config argument when the task/model/transform do not spell it (co-localisation "t,8")
     module: str = TRAIN  # the program that runs it (PROBE: the CUB anchor)
+    head_from_probe: bool = False  # start the classifier from the study's linear probe (model.options.head_init)
 
     @property
     def arg(self) -> str:
@@ -133,9 +134,9 @@ def _cub(seeds: int) -> list[Cell]:
     """Table 3 on the birds with EfficientNet-Lite0 (docs/results.md): the frozen backbone's linear probe (the
     anchor, deterministic: one run), the CNN at 224 px, 2xST-CNN and 4xST-CNN (one seed) at 448 px."""
     return [Cell("cub", "cub", "cub_cnn", "", 1, "efficientnet_lite0,cnn224", PROBE),
-            Cell("cub", "cub", "cub_cnn", "", seeds, "efficientnet_lite0,cnn224"),
-            Cell("cub", "cub", "cub_st2", "attention", seeds, "efficientnet_lite0,st2_448"),
-            Cell("cub", "cub", "cub_st4", "attention", 1, "efficientnet_lite0,st4_448")]
+            Cell("cub", "cub", "cub_cnn", "", seeds, "efficientnet_lite0,cnn224", head_from_probe=True),
+            Cell("cub", "cub", "cub_st2", "attention", seeds, "efficientnet_lite0,st2_448", head_from_probe=True),
+            Cell("cub", "cub", "cub_st4", "attention", 1, "efficientnet_lite0,st4_448", head_from_probe=True)]
 
 
 STUDIES = {"table1": _table1, "tc": _tc, "addition": _addition, "coloc": _coloc, "svhn": _svhn, "cub": _cub}
@@ -150,6 +151,17 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
             raise ValueError(f"--set takes key=value (e.g. model.options.width_multiplier=0.125), got {item!r}")
         out[key.strip()] = value.strip()
     return dict(sorted(out.items()))
+
+
+def cell_overrides(cell: Cell, cells: list[Cell], args, overrides: dict[str, str]) -> dict[str, str]:
+    """The study's ``overrides``, plus, for a cell that starts from the linear probe, the probe run's
+    ``head.npz`` (the study's probe cell of the same backbone, trained with the same overrides)."""
+    if not cell.head_from_probe:
+        return overrides
+    backbone = cell.arg.split(",")[0]
+    probe = next(c for c in cells if c.module == PROBE and c.arg.split(",")[0] == backbone)
+    head = Path(relative_to_root(args.workroot)) / run_name(probe, 0, args.steps, args.batch_size, overrides)
+    return dict(sorted({**overrides, "model.options.head_init": str(head / "head.npz")}.items()))
 
 
 def budget_overrides(steps: int, decays: int, extra: dict[str, str]) -> dict[str, str]:
@@ -332,12 +344,15 @@ def coloc_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-STATED_BY_SCHEDULE = ("optimizer.decay_boundaries", "optimizer.decay_every", "optimizer.learning_rate")
+STATED_BY_SCHEDULE = ("optimizer.decay_boundaries", "optimizer.decay_every", "optimizer.learning_rate",
+                      "optimizer.backbone_lr_multiplier", "optimizer.loc_lr_multiplier", "model.options.batch_norm",
+                      "model.options.head_init")
 
 
 def schedule_text(r: dict) -> str:
     """The learning rates a run used, from its resolved config (the row's ``optimizer`` and ``model_options``):
-    the base rate, its drops within the run, the backbone and localisation multipliers, the BatchNorm mode."""
+    the base rate, its drops within the run, the backbone and localisation multipliers, the BatchNorm mode,
+    whether the classifier started from the linear probe."""
     opt = r.get("optimizer")
     if opt is None:
         return "schedule not recorded"
@@ -348,6 +363,7 @@ def schedule_text(r: dict) -> str:
     extra = [f"backbone x{opt['backbone_lr_multiplier']:g}"] if "backbone" in options else []
     extra += [f"localisation x{opt['loc_lr_multiplier']:g}"] if opt["loc_lr_multiplier"] != 1 else []
     extra += [f"BatchNorm {options['batch_norm']}"] if "batch_norm" in options else []
+    extra += ["classifier from the linear probe"] if options.get("head_init") else []
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -642,16 +658,21 @@ def main(argv: list[str] | None = None) -> None:
 
     # Seed-major order: every cell's first seed before any cell's second, so that a study cut short
     # (or spread over sessions) covers the whole table first.
+    # A cell that starts from the study's probe brings the probe into the plan (done once, then skipped).
     plan = [(study, cell, seed) for study in args.studies for seed in range(args.seeds)
-            for cell in STUDIES[study](args.seeds) if seed < cell.seeds and (not models or cell.model in models)]
+            for cell in STUDIES[study](args.seeds) if seed < cell.seeds
+            and (not models or cell.model in models or (cell.module == PROBE and any(
+                c.head_from_probe and c.model in models for c in STUDIES[study](args.seeds))))]
     for study, cell, seed in plan:
-        done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source, overrides)
+        overrides_here = cell_overrides(cell, STUDIES[study](args.seeds), args, overrides)
+        done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source, overrides_here)
         if args.dry_run:
-            print(f"{'done' if done else 'todo'}  {study:9s} {cell.config}:{cell.arg} seed {seed}")
+            probe = " (linear probe)" if cell.module == PROBE else ""
+            print(f"{'done' if done else 'todo'}  {study:9s} {cell.config}:{cell.arg}{probe} seed {seed}")
             continue
         if done:
             continue
-        row = run_cell(cell, seed, args, overrides)
+        row = run_cell(cell, seed, args, overrides_here)
         RESULTS.parent.mkdir(exist_ok=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")

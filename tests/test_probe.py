@@ -77,3 +77,30 @@ def test_linear_probe_runs_end_to_end_on_a_generated_folder(tmp_path):
         subprocess.run([sys.executable, "-m", "experiments.linear_probe",
                         "--config=configs/cub.py:efficientnet_lite0,st2_224,tiny", f"--workdir={tmp_path / 'x'}",
                         f"--config.data.source={source}"], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+def test_raw_head_gives_the_probes_logits_and_starts_a_part_model_classifier(tmp_path):
+    """``head.npz`` acts on raw features exactly as the probe on standardised ones; a model with N parts
+    starts its classifier so that its logits are the mean of the probe's logits on the parts."""
+    from flax import nnx
+
+    from stn_jax.paper.models.cub import _start_head, read_head
+
+    x, y = blobs(10, 3, 5, 1.0, 4)
+    fitted = probe.fit(x, y, 3, 0.1)
+    kernel, bias = fitted.raw_head()
+    np.testing.assert_allclose(x @ kernel + bias, fitted.logits(x), rtol=1e-9, atol=1e-9)
+    fitted.save_head(tmp_path / "head.npz", [7, 8, 9])
+    assert read_head(tmp_path / "head.npz")["class_ids"].tolist() == [7, 8, 9]
+    fc = nnx.Linear(2 * 5, 3, rngs=nnx.Rngs(0))
+    _start_head(fc, tmp_path / "head.npz", 2, 3)
+    a, b = x[:4], x[4:8]
+    expected = (fitted.logits(a) + fitted.logits(b)) / 2
+    np.testing.assert_allclose(np.asarray(fc(np.concatenate([a, b], 1).astype(np.float32))), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="holds a head for 5 features and 3 classes"):
+        _start_head(nnx.Linear(6, 3, rngs=nnx.Rngs(0)), tmp_path / "head.npz", 1, 3)
+    with pytest.raises(FileNotFoundError, match="write it with python -m experiments.linear_probe"):
+        read_head(tmp_path / "absent.npz")
+    np.savez(tmp_path / "odd.npz", kernel=np.zeros((5, 3)), bias=np.zeros(2), class_ids=np.zeros(3))
+    with pytest.raises(ValueError, match="do not describe one classifier"):
+        read_head(tmp_path / "odd.npz")

@@ -80,6 +80,15 @@ def test_svhn_and_cub_studies_hold_table_2_and_3_cells():
         size = cell.arg.split(",")[1]
         assert reproduce.paper_error(f"svhn{size}", cell.model, cell.transform) is not None, cell
     assert reproduce.paper_error("cub448", "cub_st2", "attention") == pytest.approx(16.1)
+    # The fine-tuned cells start from the study's probe: its head.npz joins their overrides.
+    import argparse
+
+    args = argparse.Namespace(workroot="workdirs/cub30", steps=452, batch_size=8)
+    study = {"data.classes": "1-30"}
+    probe_dir = reproduce.run_name(cub[0], 0, 452, 8, study)
+    assert reproduce.cell_overrides(cub[0], cub, args, study) == study
+    assert reproduce.cell_overrides(cub[2], cub, args, study) == {
+        "data.classes": "1-30", "model.options.head_init": f"workdirs/cub30/{probe_dir}/head.npz"}
 
 
 def test_svhn_table_gives_both_framings_and_the_change_beside_table_2():
@@ -192,6 +201,10 @@ def test_models_filter_restricts_the_plan_and_rejects_unknown_names(capsys, monk
     reproduce.main(["addition", "--models", "add_fcn,add_2st_fcn", "--dry_run", "--seeds", "1"])
     assert capsys.readouterr().out.splitlines() == [
         "todo  addition  mnist_addition:add_fcn seed 0", "todo  addition  mnist_addition:add_2st_fcn,tps seed 0"]
+    reproduce.main(["cub", "--models", "cub_st2", "--dry_run", "--seeds", "1"])  # brings the probe it starts from
+    assert capsys.readouterr().out.splitlines() == [
+        "todo  cub       cub:efficientnet_lite0,cnn224 (linear probe) seed 0",
+        "todo  cub       cub:efficientnet_lite0,st2_448 seed 0"]
     with pytest.raises(SystemExit):
         reproduce.main(["addition", "--models", "st_cnn"])
     expected = "unknown model(s) st_cnn for these studies; choose from add_2st_fcn, add_cnn, add_fcn"

@@ -73,6 +73,18 @@ class SoftmaxRegression:
     def logits(self, features: np.ndarray) -> np.ndarray:
         return ((features - self.mean) / self.std) @ self.weights + self.bias
 
+    def raw_head(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(kernel (F, K), bias (K,))`` acting on unstandardised features: the same logits as `logits`."""
+        kernel = self.weights / self.std[:, None]
+        return kernel, self.bias - self.mean @ kernel
+
+    def save_head(self, path, class_ids) -> None:
+        """``head.npz``: ``kernel``, ``bias`` (`raw_head`, float32) and ``class_ids``, to start a classifier from
+        (the CUB models' ``head_init`` option)."""
+        kernel, bias = self.raw_head()
+        np.savez(path, kernel=kernel.astype(np.float32), bias=bias.astype(np.float32),
+                 class_ids=np.asarray(class_ids, np.int64))
+
     def evaluate(self, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """``error`` (fraction wrong) and ``loss`` (mean cross-entropy) on ``features (N, F)``, ``labels (N,)``."""
         z = self.logits(features)

@@ -25,7 +25,10 @@ Details (paper Appendix A.6 as reported second-hand [S], our choices [U]):
   layer starts with a zero kernel and a bias that places the crops on distinct
   parts of the image [S]: two crops on the upper and lower halves, four on the
   quadrants [U].
-* Head [S]: dropout 0.7 before the one softmax layer (``num_classes``).
+* Head [S]: dropout 0.7 before the one softmax layer (``num_classes``). Option ``head_init``
+  (a ``head.npz`` of `experiments.linear_probe`; ``""``: random) starts that layer from the frozen
+  backbone's linear probe [U] (linear probing then fine-tuning, Kumar et al., ICLR 2022); the ST
+  models start each part's share as the probe's kernel divided by N.
 * The N part networks are one module whose variables carry a leading axis N
   (`stack_modules`), run with `nnx.vmap`: the same numbers as N separate
   networks (each its own weights and BatchNorm statistics), one part network's
@@ -72,10 +75,42 @@ def _weights_path(name: str, pretrained: str) -> Path:
 
 
 def _preflight(options) -> None:
-    """Reads the pretrained weights file once, so that a missing, empty or corrupt one fails before the data."""
+    """Reads the pretrained weights and the head files once, so that a bad one fails before the data."""
     if options["pretrained"]:
         read_torch_state_dict(_weights_path(options["backbone"], options["pretrained"]),
                               how_to_get=_backbone_spec(options["backbone"]).how_to_get)
+    if options["head_init"]:
+        read_head(options["head_init"])
+
+
+def read_head(path: str) -> dict[str, np.ndarray]:
+    """A ``head.npz`` of `experiments.linear_probe`: ``kernel (F, K)``, ``bias (K,)``, ``class_ids (K,)``."""
+    where = Path(path).expanduser()
+    if not where.is_file():
+        raise FileNotFoundError(f"head_init file {where} not found: write it with python -m "
+                                f"experiments.linear_probe (its workdir's head.npz)")
+    try:
+        with np.load(where, allow_pickle=False) as f:
+            head = {k: f[k] for k in ("kernel", "bias", "class_ids")}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"head_init file {where} is not a head.npz of experiments.linear_probe ({e})") from None
+    k = head["bias"].shape
+    if head["kernel"].ndim != 2 or head["kernel"].shape[1:] != k or head["class_ids"].shape != k:
+        raise ValueError(f"head_init file {where}: kernel {head['kernel'].shape}, bias {k} and class_ids "
+                         f"{head['class_ids'].shape} do not describe one classifier")
+    return head
+
+
+def _start_head(fc: nnx.Linear, path: str, parts: int, num_classes: int) -> None:
+    """Sets ``fc`` (``parts`` x F inputs) from a probe's head (F inputs): the kernel divided by ``parts`` for
+    each part's features, so the logits start as the mean of the probe's logits on the parts [U]."""
+    head = read_head(path)
+    kernel, bias = head["kernel"], head["bias"]
+    if kernel.shape[1] != num_classes or parts * kernel.shape[0] != fc.kernel.shape[0]:
+        raise ValueError(f"head_init file {path} holds a head for {kernel.shape[0]} features and {kernel.shape[1]} "
+                         f"classes; this model needs {fc.kernel.shape[0] // parts} features and {num_classes} classes")
+    fc.kernel.set_value(jnp.asarray(np.tile(kernel / parts, (parts, 1))))
+    fc.bias.set_value(jnp.asarray(bias))
 
 
 class _Backbones:
@@ -134,13 +169,15 @@ class CubCNN(_BatchNormMode):
     backbone_attributes = ("backbone",)  # the pretrained part (its own learning rate, train_state.GROUPS)
 
     def __init__(self, input_shape, num_classes: int, *, backbone: str, pretrained: str, dropout: float,
-                 batch_norm: str, rngs: nnx.Rngs):
+                 batch_norm: str, head_init: str, rngs: nnx.Rngs):
         self.batch_norm = _check_batch_norm(batch_norm)
         maker = _Backbones(backbone, pretrained)
         self.input_shape, self.preprocess = tuple(input_shape), maker.spec.preprocess
         self.backbone = maker.make(rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.fc = nnx.Linear(maker.spec.num_features, num_classes, rngs=rngs)
+        if head_init:
+            _start_head(self.fc, head_init, 1, num_classes)
 
     def __call__(self, x, *, return_aux: bool = False):
         _check_input(x, self.input_shape, "CubCNN")
@@ -161,8 +198,8 @@ class CubSTCNN(_BatchNormMode):
     backbone_attributes = ("parts",)  # the pretrained part networks (the localisation network is group "loc")
 
     def __init__(self, input_shape, num_classes: int, *, num_transformers: int, backbone: str, pretrained: str,
-                 dropout: float, batch_norm: str, scale: float, crop_size: int, loc_channels: int, loc_hidden: int,
-                 rngs: nnx.Rngs):
+                 dropout: float, batch_norm: str, head_init: str, scale: float, crop_size: int, loc_channels: int,
+                 loc_hidden: int, rngs: nnx.Rngs):
         self.batch_norm = _check_batch_norm(batch_norm)
         n = int(num_transformers)
         if n not in INITIAL_CENTRES:
@@ -185,6 +222,8 @@ class CubSTCNN(_BatchNormMode):
         self.parts = stack_modules([maker.make(rngs) for _ in range(n)])
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.fc = nnx.Linear(n * maker.spec.num_features, num_classes, rngs=rngs)
+        if head_init:
+            _start_head(self.fc, head_init, n, num_classes)
 
     def __call__(self, x, *, return_aux: bool = False):
         _check_input(x, self.input_shape, "CubSTCNN")
@@ -233,7 +272,8 @@ class _LocHead(nnx.Module):
         return self.out(jax.nn.relu(self.fc(self.flatten(x))))
 
 
-_COMMON: dict[str, Any] = {"backbone": "efficientnet_lite0", "pretrained": "", "dropout": 0.7, "batch_norm": "train"}
+_COMMON: dict[str, Any] = {"backbone": "efficientnet_lite0", "pretrained": "", "dropout": 0.7, "batch_norm": "train",
+                           "head_init": ""}
 _ST: dict[str, Any] = {"scale": 0.5, "crop_size": 224, "loc_channels": 128, "loc_hidden": 128}
 
 
