@@ -5,10 +5,10 @@
 (unknown task, model or transform), into a one-line error naming the valid
 choices instead of a traceback. Errors that report bad input or a stopped run
 (``ValueError``, ``FileNotFoundError``, a non-finite loss, missing data, an
-unreadable checkpoint, a locked or unusable workdir, a full disk, an interrupted
-run after its checkpoint is saved) are printed the same way, with exit status 1
-(130 for an interrupted run); set
-``STN_JAX_TRACEBACK=1`` to see their tracebacks.
+unreadable checkpoint, a locked or unusable workdir, a full disk) are printed the
+same way, with exit status 1; a Ctrl-C (an interrupted run after its checkpoint is
+saved, an interrupted cache build, or anything else) is one ``interrupted: ...``
+line with exit status 130. Set ``STN_JAX_TRACEBACK=1`` to see their tracebacks.
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def _parse(argv: list[str]) -> list[str]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that carry a complete message for the user (bad input, missing files, a stopped run)."""
     from stn_jax.paper.data import MnistSourceError
-    from stn_jax.paper.train import CheckpointError, Interrupted, NonFiniteLossError, WorkdirError
+    from stn_jax.paper.train import CheckpointError, NonFiniteLossError, WorkdirError
 
     return (ValueError, FileNotFoundError, NonFiniteLossError, MnistSourceError, CheckpointError, WorkdirError,
-            Interrupted, OSError)
+            KeyboardInterrupt, OSError)
 
 
 def _reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -100,12 +100,16 @@ def _reporting(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]
         except _user_errors() as e:
             if os.environ.get("STN_JAX_TRACEBACK"):
                 raise
-            if isinstance(e, KeyboardInterrupt):
-                print(f"interrupted: {e}", file=sys.stderr)
+            if isinstance(e, KeyboardInterrupt):  # train.Interrupted, files.CacheBuildInterrupted: a message
+                print(f"interrupted: {str(e) or _PLAIN_INTERRUPT}", file=sys.stderr)
                 raise SystemExit(130) from None
             raise SystemExit(f"error: {e}{_advice(e)}") from None
 
     return wrapped
+
+
+_PLAIN_INTERRUPT = ("stopped by Ctrl-C (SIGINT) outside the training loop; run the same command to go on (training "
+                    "resumes from its last checkpoint)")
 
 
 def _advice(e: BaseException) -> str:

@@ -4,7 +4,9 @@
     python -m experiments.evaluate --config configs/quickstart.py --workdir workdirs/quickstart \\
         --config.data.test_npz=my_digits.npz   # images (N, H, W[, C]) uint8 or [0, 1] floats, labels (N,)
 
-Use the same config (and overrides) as for training, so that the model matches.
+Use the same config (and overrides) as for training, so that the model matches: each setting that differs
+from the run's ``config.json`` is announced as a warning. ``test_npz`` works for every image task (labels
+``(N, 5)`` for SVHN's five digit positions); co-localisation, scored by boxes, refuses it.
 """
 
 from __future__ import annotations

@@ -23,11 +23,15 @@ Arguments are checked on their Python values and static shapes (free under
 `jax.jit`); a bad one raises ``ValueError`` naming it. Empty inputs (a batch
 of 0, 0 channels, an output grid with a 0-sized axis) give empty outputs and
 gradients of the broadcast shape, as NumPy would. The images of one call may
-hold at most `MAX_ELEMENTS` elements in all (indices are int32).
+hold at most `MAX_ELEMENTS` elements in all (indices are int32), and an output
+(with `warp`, an output and its sampling grid) that needs more bytes than the
+memory there is (`stn_jax._memory.memory_limit`) is refused before anything is
+computed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -37,6 +41,7 @@ import numpy as np
 
 from stn_jax import transforms
 from stn_jax._interp import MAX_ELEMENTS, interpolate
+from stn_jax._memory import check_memory, nbytes, platform_of
 from stn_jax.coords import PADDING_MODES, apply_padding, as_size, check_bool, normalized_to_pixel
 
 MODES_2D = ("bilinear", "nearest")
@@ -111,6 +116,8 @@ def _sample(image, grid, *, ndim, mode, modes, padding_mode, align_corners):
     nbatch = max(image.ndim, grid.ndim) - ndim - 1
     out_shape = (np.broadcast_shapes(image.shape[:-ndim - 1], grid.shape[:-ndim - 1])
                  + grid.shape[-ndim - 1:-1] + image.shape[-1:])
+    check_memory("grid_sample" if ndim == 2 else "grid_sample_3d", f"an output of shape {out_shape} {image.dtype}",
+                 nbytes(out_shape, image.dtype), platform_of(image))
     if math.prod(out_shape) == 0:  # nothing to read or write (an empty image implies this)
         return jnp.zeros(out_shape, image.dtype)
     image = image.reshape((1,) * (nbatch + ndim + 1 - image.ndim) + image.shape)
@@ -143,8 +150,9 @@ def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zer
     Raises:
       ValueError: a bad rank, dtype (integer images are rejected, not cast),
         mode, padding mode or ``align_corners`` (must be a bool), batch
-        dimensions that do not broadcast, an empty spatial axis, or images
-        holding more than `MAX_ELEMENTS` elements in all (docs/sampler.md).
+        dimensions that do not broadcast, an empty spatial axis, images
+        holding more than `MAX_ELEMENTS` elements in all, or an output larger
+        than the memory (`stn_jax._memory.memory_limit`; docs/sampler.md).
     """
     return _sample(image, grid, ndim=2, mode=mode, modes=MODES_2D, padding_mode=padding_mode,
                    align_corners=align_corners)
@@ -177,6 +185,9 @@ def warp(image, params, size: Sequence[int] | None = None, transform: str = "aff
 
     Example: ``warp(images, theta, (28, 28))`` crops/rotates/scales ``images`` by
     the ``(B, 2, 3)`` affine matrices ``theta`` into 28x28 outputs.
+
+    Raises ValueError as `grid_sample` does, and before building the grid when the
+    output and its grid together need more bytes than the memory.
     """
     t = transforms.get_transform(transform)
     image = jnp.asarray(image)
@@ -187,8 +198,39 @@ def warp(image, params, size: Sequence[int] | None = None, transform: str = "aff
         raise ValueError(f"warp: image must have shape {layout} for the {transform!r} transform, "
                          f"got shape {image.shape}")
     size = image.shape[-nd - 1:-1] if size is None else as_size(size, "warp", n=nd, arg="size", minimum=0)
+    params = jnp.asarray(params)
+    _check_warp_memory(t, image, params, size, align_corners)
     grid = t.make_grid(params, tuple(max(n, 1) for n in size), align_corners=align_corners)
     if 0 in size:  # an empty output: grids have positive sizes, so build one pixel and cut it off
         grid = grid[(Ellipsis,) + tuple(slice(0, n) for n in size) + (slice(None),)]
     sample = grid_sample if t.spatial_dims == 2 else grid_sample_3d
     return sample(image, grid, align_corners=align_corners, **sampler_options)
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_batch(transform: str, shape: tuple[int, ...], dtype: np.dtype, align_corners: bool
+                ) -> tuple[tuple[int, ...], np.dtype]:
+    """The batch shape and dtype of the grids that parameters of ``shape`` and ``dtype`` make: a one-pixel
+    grid traced abstractly (cached per shape: tracing costs about a millisecond)."""
+    t = transforms.get_transform(transform)
+    nd = t.spatial_dims
+    pixel = jax.eval_shape(lambda p: t.make_grid(p, (1,) * nd, align_corners=align_corners),
+                           jax.ShapeDtypeStruct(shape, dtype))
+    return pixel.shape[:-nd - 1], pixel.dtype
+
+
+def _check_warp_memory(t: transforms.Transform, image: jax.Array, params: jax.Array, size: tuple[int, ...],
+                       align_corners: bool) -> None:
+    """`check_memory` for `warp`, before its grid is built: the output ``(*batch, *size, C)`` and the grid
+    ``(*params batch, *size, ndim)`` together."""
+    nd = t.spatial_dims
+    params_batch, grid_dtype = _grid_batch(t.name, params.shape, params.dtype, align_corners)
+    try:
+        batch = np.broadcast_shapes(image.shape[:-nd - 1], params_batch)
+    except ValueError:
+        return  # grid_sample names the batch dimensions that do not broadcast
+    out_shape = batch + tuple(size) + image.shape[-1:]
+    grid_shape = params_batch + tuple(size) + (nd,)
+    check_memory("warp", f"an output of shape {out_shape} {image.dtype} and its sampling grid {grid_shape} "
+                         f"{grid_dtype}", nbytes(out_shape, image.dtype) + nbytes(grid_shape, grid_dtype),
+                 platform_of(image))

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stn_jax._memory import check_memory
 from stn_jax.coords import as_size, check_bool, identity_grid, pixel_centers
 
 
@@ -159,6 +161,11 @@ def default_control_points(n: int = 4) -> np.ndarray:
     return np.stack([x.ravel(), y.ravel()], -1)
 
 
+# Peak host memory of `_tps_matrix` per (target pixel, control point), measured with tracemalloc (the float64
+# differences to the control points, their squares, the kernel values).
+_TPS_BYTES_PER_ENTRY = 34
+
+
 def _tps_kernel(r2: np.ndarray) -> np.ndarray:
     """``U(r) = r^2 log r``, written in ``r^2``: ``r2 log(r2) / 2``, with ``U(0) = 0``."""
     safe = np.where(r2 > 0, r2, 1.0)
@@ -202,6 +209,9 @@ def tps_grid(params, size: Sequence[int], control_points=None, align_corners: bo
       size: ``(H_out, W_out)``.
       control_points: ``(K, 2)`` target positions; default the paper's 4x4 grid.
       regularization: Tikhonov weight added to the kernel's diagonal (0 interpolates exactly).
+
+    Raises ValueError before building anything when the precomputed matrix (about 34 bytes of host memory
+    per output pixel and control point while it is built) would not fit in the machine's memory.
     """
     size = _as_size(size, 2, "tps_grid")
     align_corners = check_bool(align_corners, "tps_grid")
@@ -216,6 +226,8 @@ def tps_grid(params, size: Sequence[int], control_points=None, align_corners: bo
         raise ValueError(f"tps_grid: expected offsets of shape (..., {k}, 2) or (..., {2 * k}) for {k} "
                          f"control points, got {params.shape}")
     params = params.astype(jnp.promote_types(params.dtype, jnp.float32))
+    check_memory("tps_grid", f"the spline's float64 matrix for size {size} and {k} control points (built on the "
+                             f"host)", _TPS_BYTES_PER_ENTRY * math.prod(size) * k, "cpu")
     a = _tps_matrix(size, tuple(map(tuple, points.tolist())), bool(align_corners), float(regularization))
     offsets = jnp.einsum("pk,...kd->...pd", jnp.asarray(a, params.dtype), params)
     base = jnp.asarray(identity_grid(size, align_corners, np.float64).reshape(-1, 2), params.dtype)

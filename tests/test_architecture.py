@@ -245,10 +245,11 @@ def test_toy_transform_model_and_task_are_one_registration_each(registered, tmp_
     assert family_choices("toy") == (("toy",), ("toy_st",))
     config = toy_config("toy_st", "shift")
     r = resolve(config)
-    assert r.data.to_dict() == {"task": "toy", "size": 12, "noise": 0.2, "test_size": 40, "test_seed": 7}
+    assert r.data.to_dict() == {"task": "toy", "size": 12, "noise": 0.2, "test_size": 40, "test_seed": 7,
+                                "test_npz": ""}  # every task takes an evaluation file (tasks.EVALUATION_OPTIONS)
     assert r.model.options.to_dict() == {"hidden": 8, "width": 16} and r.model.transform == "shift"
     with pytest.raises(ValueError, match=r"config.data.canvas_size is not an option of data task 'toy'; its "
-                                         r"options are noise, size, task, test_seed, test_size"):
+                                         r"options are noise, size, task, test_npz, test_seed, test_size"):
         resolve(dict(config.to_dict(), data={"task": "toy", "canvas_size": 3}))
     with pytest.raises(ValueError, match=r"config.data \(task 'toy'\): size must be >= 8, got 4"):
         resolve(dict(config.to_dict(), data={"task": "toy", "size": 4}))

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import stn_jax
-from stn_jax import affine_grid, grid_sample, grid_sample_3d, warp
+from stn_jax import _memory, affine_grid, grid_sample, grid_sample_3d, warp
 from stn_jax.layers import ConvBody, FCBody, ParallelTransformers, SpatialTransformer
 
 S = jax.ShapeDtypeStruct
@@ -56,6 +56,35 @@ def test_size_limit_under_user_vmap_and_grad():
     grad_one = jax.grad(lambda x: grid_sample(x, grid).sum())
     assert jax.eval_shape(grad_one, one).shape == one.shape  # one image is fine
     _raises(lambda: jax.eval_shape(jax.vmap(grad_one), batched), "2147483647")
+
+
+def test_outputs_beyond_memory_are_refused_before_dispatch(monkeypatch):
+    """``warp(img, theta, (100000, 100000))`` needs a 37 GiB output and a 75 GiB grid: with 16 GiB of memory
+    it is refused in one line naming the sizes, eagerly and under jit, before anything is allocated (XLA
+    would fail after dispatching, in dozens of lines). Calls that pass the check are only traced here."""
+    monkeypatch.setattr(_memory, "memory_limit", lambda platform: 16 * 2**30)
+    image, theta = jnp.zeros((28, 28, 1)), jnp.array([[1.0, 0, 0], [0, 1, 0]])
+    fragments = ("warp: an output of shape (100000, 100000, 1) float32 and its sampling grid (100000, 100000, 2) "
+                 f"float32 would take 111.8 GiB, more than the 16.0 GiB of {jax.default_backend()} memory", "in tiles")
+    _raises(lambda: warp(image, theta, (100000, 100000)), *fragments)
+    _raises(lambda: jax.jit(lambda t: warp(image, t, (100000, 100000)))(theta), *fragments)
+    _raises(lambda: warp(image, jnp.zeros((40, 16, 2)), (20000, 20000), "tps"), "(40, 20000, 20000, 1) float32",
+            "(40, 20000, 20000, 2) float32")  # the grid's batch comes from the parameters
+    # 4.5 GiB of output and grid pass; the spline's matrix, built on the host, would take 202.7 GiB.
+    _raises(lambda: warp(image, jnp.zeros((1, 16, 2)), (20000, 20000), "tps"),
+            "tps_grid: the spline's float64 matrix for size (20000, 20000) and 16 control points", "202.7 GiB")
+    _raises(lambda: jax.eval_shape(grid_sample, S((28, 28, 1), F32), S((200000, 200000, 2), F32)),
+            "grid_sample: an output of shape (200000, 200000, 1) float32 would take 149.0 GiB")
+    _raises(lambda: jax.eval_shape(grid_sample_3d, S((8, 8, 8, 1), F32), S((3000, 3000, 3000, 3), F32)),
+            "grid_sample_3d: an output of shape (3000, 3000, 3000, 1) float32")
+    traced = jax.eval_shape(lambda t: warp(image, t, (30000, 30000)), theta)  # 3.4 + 6.7 GiB: allowed
+    assert traced.shape == (30000, 30000, 1)
+
+
+def test_memory_limit_is_the_machines():
+    assert _memory.memory_limit("cpu") > 2**28  # the physical memory
+    _raises(lambda: jax.eval_shape(lambda t: warp(jnp.zeros((8, 8, 1)), t, (10**6, 10**6)), S((2, 3), F32)),
+            "more than the", f"GiB of {jax.default_backend()} memory")  # 11 TiB: beyond any machine
 
 
 def test_shared_image_is_counted_once():

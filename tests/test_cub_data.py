@@ -10,6 +10,10 @@ network.
 
 from __future__ import annotations
 
+import logging
+import shutil
+import signal
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +21,11 @@ import pytest
 from conftest import shared_path
 from PIL import Image
 
+from stn_jax.paper import train as train_lib
 from stn_jax.paper.data import cub, mnist as mnist_lib
+from stn_jax.paper.data.files import CacheBuildInterrupted
 from stn_jax.paper.data.tasks import TASKS, default_config, make_dataset, resolve_options
+from stn_jax.paper.objectives import create_objective
 
 S, R = 16, 20  # tiny output crop and resize
 
@@ -314,6 +321,83 @@ def test_worker_processes_match_in_process(fake_cub):
 def test_make_dataset_through_the_registry(fake_cub, tmp_path):
     ds = make_dataset(_config(fake_cub), seed=0, global_batch_size=2, cache_dir=str(tmp_path))
     assert isinstance(ds, cub.CubDataset) and ds.train_batch(0)["image"].shape == (2, S, S, 3)
+
+
+def test_config_cache_dir_wins_over_the_trainers_folder(fake_cub, tmp_path):
+    option, argument = tmp_path / "C", tmp_path / "W" / "data"
+    ds = cub.CubDataset(_config(fake_cub, use_cache=True, cache_dir=str(option)), seed=0, global_batch_size=2,
+                        cache_dir=argument)
+    assert ds.cache_path.parent == option and not argument.exists()
+
+
+def _own_copy(fake_cub, tmp_path) -> Path:
+    """A copy of the fake CUB folder that a test may damage."""
+    return Path(shutil.copytree(fake_cub, tmp_path / "CUB_200_2011"))
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_truncated_image_is_named(fake_cub, tmp_path, use_cache):
+    folder = _own_copy(fake_cub, tmp_path)
+    bad = sorted((folder / "images" / "002.Beta_Bird").iterdir())[-1]  # a test image
+    bad.write_bytes(bad.read_bytes()[:bad.stat().st_size // 2])
+    with pytest.raises(cub.CubFormatError) as error:
+        cub.CubDataset(_config(folder, use_cache=use_cache, cache_dir=str(tmp_path / "cache")), seed=0,
+                       global_batch_size=2).test_set()
+    message = str(error.value)
+    assert message.startswith(f"CUB image {bad} is truncated or unreadable") and "\n" not in message
+    assert "replace it with the original file" in message
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # no partial cache
+
+
+def test_a_cache_folder_without_meta_json_is_replaced(fake_cub, tmp_path, caplog):
+    def make():
+        return cub.CubDataset(_config(fake_cub, use_cache=True, cache_dir=str(tmp_path / "cache")), seed=0,
+                              global_batch_size=2)
+
+    first = make()
+    expected = first.test_set()
+    (first.cache_path / "meta.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="stn_jax.paper.data.files"):
+        again = make()
+    assert again.cache_path == first.cache_path and (again.cache_path / "meta.json").is_file()
+    assert f"replacing {first.cache_path}: it lacks meta.json" in caplog.text
+    np.testing.assert_array_equal(again.test_set()["image"], expected["image"])
+
+
+def test_ctrl_c_during_a_cache_build_is_one_line_and_leaves_nothing(fake_cub, tmp_path, monkeypatch):
+    def interrupt(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cub, "_resize_job", interrupt)
+    with pytest.raises(KeyboardInterrupt) as stop:  # a bare one would stop the test session
+        cub.CubDataset(_config(fake_cub, use_cache=True, cache_dir=str(tmp_path / "cache")), seed=0,
+                       global_batch_size=2)
+    message = str(stop.value)
+    assert isinstance(stop.value, CacheBuildInterrupted) and "\n" not in message
+    assert f"while building the cache {tmp_path / 'cache'}/cub_" in message
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_worker_processes_leave_ctrl_c_to_the_parent():
+    """A Ctrl-C in a terminal reaches every process of the group: the workers ignore it (no traceback from
+    each), and the parent stops them."""
+    with cub._spawn_executor(1) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
+
+
+def test_evaluation_file_of_own_bird_images(fake_cub, tmp_path):
+    """``config.data.test_npz`` for a CUB run: images of the model's input shape, labels of the kept classes."""
+    ds = _dataset(fake_cub)
+    objective = create_objective({"name": "classification"})
+    run = types.SimpleNamespace(setup=types.SimpleNamespace(dataset=ds, objective=objective))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "birds.npz", images=rng.integers(0, 256, (5, S, S, 3), dtype=np.uint8),
+             labels=np.array([0, 1, 2, 2, 0]))
+    mine = train_lib.npz_test_set(tmp_path / "birds.npz", run)
+    assert mine.arrays["image"].shape == (5, S, S, 3) and mine.test_size == 5
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, S, S, 3), np.uint8), labels=np.array([0, 3]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) for this model"):
+        train_lib.npz_test_set(tmp_path / "bad.npz", run)
 
 
 def test_tfds_without_network_fails_fast(tmp_path, monkeypatch):

@@ -421,6 +421,18 @@ def test_test_set_fixed_cached_and_verified(tmp_path, synthetic_mnist, caplog):
     assert_batches_equal(ds.test_examples(idx), {k: v[idx] for k, v in first.items()})
 
 
+def test_config_cache_dir_wins_over_the_trainers_folder(tmp_path, synthetic_mnist):
+    """``config.data.cache_dir`` is where the test set is cached, whatever folder the caller (the trainer:
+    ``<workdir>/data``) passes; that folder is used only when the option is unset."""
+    option, argument = tmp_path / "C", tmp_path / "W" / "data"
+    assert dataset(synthetic_mnist, "rts", cache_dir=str(argument)).cache_dir == argument  # no option
+    ds = make_dataset({"task": "rts", "source": synthetic_mnist, "test_size": BATCH, "cache_dir": str(option)},
+                      seed=0, global_batch_size=BATCH, cache_dir=str(argument))
+    ds.test_set()
+    assert [p.suffix for p in sorted(option.iterdir())] == [".json", ".npz"]
+    assert not argument.exists()
+
+
 def test_balanced_order():
     labels = np.repeat(np.arange(4), [5, 9, 3, 7])
     order = balanced_order(labels, 7)
@@ -486,6 +498,13 @@ def test_config_files():
     assert _config_module("mnist_addition").get_config("add_2st_fcn,tps").data.task == "addition"
     assert _config_module("mnist_3d").get_config("st3d").model.transform == "affine3d"
     assert _config_module("colocalisation").get_config("tc").data.num_clutter == 16
+
+
+@pytest.mark.parametrize("task", TASKS.names())
+def test_every_task_takes_an_evaluation_file(task):
+    """``config.data.test_npz`` (experiments.evaluate's own images) is an option of every task."""
+    assert resolve_options({"task": task})["test_npz"] == ""
+    assert resolve_options({"task": task, "test_npz": "mine.npz"})["test_npz"] == "mine.npz"
 
 
 def test_config_validation():

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -31,8 +32,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from configs import distorted_mnist  # noqa: E402
+from experiments import cli  # noqa: E402
 from stn_jax.paper import train  # noqa: E402
 from stn_jax.paper.data import balanced_order  # noqa: E402
+from stn_jax.paper.data.files import CacheBuildInterrupted  # noqa: E402
+from stn_jax.paper.objectives import create_objective  # noqa: E402
 
 ARG = "r,fcn,tiny"
 SMALL = {"total_steps": 12, "log_every": 2, "checkpoint_every": 4, "eval_every": 12, "data.test_size": 64,
@@ -220,6 +224,28 @@ def test_resuming_with_a_changed_setting_announces_and_records_it(run_copy, sour
     assert json.loads((run_copy / "config.json").read_text())["optimizer"]["learning_rate"] == 0.02
 
 
+def test_evaluate_announces_settings_that_differ_from_the_run(run_copy, source, caplog):
+    """Evaluating with another setting than the run's config.json (here the test digits' rotation) scores
+    another test set: each changed setting is announced, as a resumed run announces it."""
+    before = (run_copy / "config.json").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="stn_jax.paper.train"):
+        train.evaluate_checkpoint(config(source), run_copy)
+        assert not [r for r in caplog.records if "setting" in r.getMessage()]  # the run's own settings: silent
+        train.evaluate_checkpoint(config(source, **{"data.max_angle": 0.0}), run_copy)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "evaluating with a setting other than the run's config.json: data.max_angle: 90.0 -> 0.0" in warnings
+    assert (run_copy / "config.json").read_bytes() == before
+
+
+def test_a_run_caches_its_data_where_config_data_cache_dir_says(tmp_path, source):
+    """``--config.data.cache_dir=C``: the test set is cached in C, not in ``<workdir>/data``."""
+    workdir, cache = tmp_path / "W", tmp_path / "C"
+    train.train_and_evaluate(config(source, **{"data.cache_dir": str(cache), "total_steps": 4}), workdir)
+    assert [p.suffix for p in sorted(cache.glob("mnist_r_test_*"))] == [".json", ".npz"]
+    assert not (workdir / "data").exists()
+    assert json.loads((workdir / "config.json").read_text())["data"]["cache_dir"] == str(cache)
+
+
 # ---------------------------------------------------------------------------
 # 3. Batch sizes; evaluation covers every example.
 # ---------------------------------------------------------------------------
@@ -326,6 +352,26 @@ def test_evaluate_cli_reports_a_bad_npz_in_one_line(done_run, source, tmp_path):
     bad = _npz(tmp_path / "bad.npz", images=IMAGES, labels=np.array([0, 1, 2, 99]))
     proc = python("-m", "experiments.evaluate", *flags(done_run, source), f"--config.data.test_npz={bad}")
     assert_one_line_error(proc, "labels must lie in [0, 10)")
+
+
+def test_evaluation_files_for_multi_digit_labels(tmp_path):
+    """SVHN's models score five digit positions: an evaluation file holds labels (N, 5) in [0, 11)."""
+    images = np.zeros((3, 64, 64, 3), np.uint8)
+    good = _npz(tmp_path / "numbers.npz", images=images, labels=np.array([[1, 9, 10, 10, 10]] * 3))
+    assert train.load_npz_test_set(good, (64, 64, 3), 11, (5,)).arrays["label"].shape == (3, 5)
+    flat = _npz(tmp_path / "flat.npz", images=images, labels=np.arange(3))
+    with pytest.raises(ValueError, match=r"labels must have shape \(N, 5\), got \(3,\)"):
+        train.load_npz_test_set(flat, (64, 64, 3), 11, (5,))
+    eleven = _npz(tmp_path / "eleven.npz", images=images, labels=np.full((3, 5), 11))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
+        train.load_npz_test_set(eleven, (64, 64, 3), 11, (5,))
+
+
+def test_evaluation_files_are_refused_where_the_objective_needs_more_than_labels(tmp_path):
+    run = types.SimpleNamespace(setup=types.SimpleNamespace(objective=create_objective({"name": "triplet"})))
+    with pytest.raises(ValueError, match="objective 'triplet' scores more than images and labels") as e:
+        train.npz_test_set(_npz(tmp_path / "mine.npz", images=IMAGES, labels=np.arange(4)), run)
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------
@@ -517,6 +563,74 @@ def test_fault_injection_kill_and_interrupt_end_bit_identical(tmp_path, source):
             np.testing.assert_array_equal(a, b, err_msg=f"seed {seed}")
         assert train_rows(workdir) == log_steps, seed
     assert mid_training >= 2  # the faults did land inside training, not only before or after it
+
+
+@pytest.mark.parametrize("interrupt,line", [
+    (CacheBuildInterrupted("stopped by Ctrl-C while building the cache C/svhn_train; the partial cache was "
+                           "removed: run the same command to build it again"),
+     "interrupted: stopped by Ctrl-C while building the cache C/svhn_train; the partial cache was removed: run the "
+     "same command to build it again"),
+    (KeyboardInterrupt(), "interrupted: stopped by Ctrl-C (SIGINT) outside the training loop; run the same command "
+                          "to go on (training resumes from its last checkpoint)"),
+])
+def test_cli_reports_ctrl_c_anywhere_in_one_line(capsys, interrupt, line):
+    """Ctrl-C during a data cache build (or anywhere outside the training loop) ends in one line, status 130."""
+    def stopped(argv):
+        raise interrupt
+
+    with pytest.raises(BaseException) as stop:  # an uncaught KeyboardInterrupt would stop the test session
+        cli._reporting(stopped)([])
+    assert isinstance(stop.value, SystemExit) and stop.value.code == 130
+    assert capsys.readouterr().err == line + "\n"
+
+
+# The error tensorstore raised when a 3 MB tmpfs filled up during a checkpoint write (orbax 0.12.8).
+FULL_DISK = ('RESOURCE_EXHAUSTED: Error writing "first_nonfinite_step/0" in OCDBT database at local file '
+             '"W/checkpoints/8.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: '
+             '"W/checkpoints/8.orbax-checkpoint-tmp/d/5684": Failed to write 655175 bytes to file 13: No space left '
+             "on device [os_error_code='28']")
+
+
+class _ClosedLoopLeftover:
+    """Deleted, it raises what the callbacks of an aborted orbax write raise: an unraisable exception."""
+
+    def __del__(self):
+        raise RuntimeError("Event loop is closed")
+
+
+def test_a_full_disk_during_a_checkpoint_write_ends_in_one_line(tmp_path, source, monkeypatch, caplog):
+    """The write of step 8 fails as on a full disk: orbax's writer thread logs a traceback, its callbacks leave
+    "Event loop is closed" exceptions, tensorstore raises a ValueError. What remains is one line with what to do;
+    the records of the write of step 4, which succeeded, are reported as usual."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # restored after the test
+    save = ocp.CheckpointManager.save
+
+    def save_until_the_disk_is_full(self, step, *args, **kwargs):
+        absl = logging.getLogger("absl")
+        if step < 8:
+            absl.warning("orbax wrote step %d", step)
+            return save(self, step, *args, **kwargs)
+        try:
+            raise ValueError(FULL_DISK)
+        except ValueError:
+            absl.exception("[thread=array_type_handler] _SignalingThread.run() raised an exception")
+        _ClosedLoopLeftover()
+        raise ValueError(FULL_DISK)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_the_disk_is_full)
+    workdir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as stop:
+        cli._reporting(lambda argv: train.train_and_evaluate(config(source), workdir))([])
+    message = str(stop.value.code)
+    assert message == (f"error: [Errno 28] No space left on device: could not write the checkpoint of step 8: "
+                       f"'{workdir / 'checkpoints'}'; free disk space (or use a --workdir on another disk) and rerun "
+                       f"the same command to resume from the last checkpoint")
+    assert "orbax wrote step 4" in caplog.text and "raised an exception" not in caplog.text
+    _ClosedLoopLeftover()  # a late one, after the error: still held back
+    assert unraisable == []
+    sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("another error")))
+    assert len(unraisable) == 1  # other unraisable exceptions are reported as usual
 
 
 def test_cli_reports_a_full_disk_in_one_line_with_what_to_do(monkeypatch, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import struct
 import tarfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from conftest import shared_path
 from PIL import Image
 
 from stn_jax.paper.data import svhn
+from stn_jax.paper.data.files import CacheBuildInterrupted
 
 FIELDS = ("label", "left", "top", "width", "height")
 
@@ -282,6 +284,73 @@ def test_archive_and_folder_give_the_same_cache(source, tmp_path):
     assert a.path != b.path
     for name in ("image", "label", "length", "filename"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def truncate(path: Path) -> None:
+    """Cuts a file in half (a download or copy that stopped)."""
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def test_a_truncated_image_is_named(source, tmp_path):
+    truncate(source / "test" / "3.png")
+    with pytest.raises(svhn.SvhnFormatError) as folder_error:
+        svhn.split_cache(source, "test", tmp_path / "cache", 64)
+    message = str(folder_error.value)
+    assert f"SVHN image {source / 'test' / '3.png'} is truncated or unreadable" in message and "\n" not in message
+    assert "allow_missing_images=True" in message
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    with tarfile.open(archives / "test.tar.gz", "w:gz") as tar:
+        tar.add(source / "test", arcname="test")
+    with pytest.raises(svhn.SvhnFormatError, match=r"test\.tar\.gz:test/3\.png is truncated .*download the archive "
+                                                  r"again"):
+        svhn.split_cache(archives, "test", tmp_path / "cache", 64)
+    assert not list((tmp_path / "cache").iterdir())  # no partial cache
+
+
+def test_a_cache_folder_without_meta_json_is_replaced(source, tmp_path, caplog):
+    """A folder that lost its meta.json (deleted by hand, say) is rebuilt and replaced, not a rename error."""
+    first = svhn.split_cache(source, "train", tmp_path / "cache", 64)
+    (first.path / "meta.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="stn_jax.paper.data.files"):
+        again = svhn.split_cache(source, "train", tmp_path / "cache", 64)
+    assert again.path == first.path and (again.path / "meta.json").is_file()
+    np.testing.assert_array_equal(again.image, first.image)
+    assert f"replacing {first.path}: it lacks meta.json" in caplog.text
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.path.name]
+
+
+def test_ctrl_c_during_a_cache_build_is_one_line_and_leaves_nothing(source, tmp_path, monkeypatch):
+    calls = []
+
+    def crop_then_interrupt(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return np.zeros((64, 64, 3), np.uint8)
+
+    monkeypatch.setattr(svhn, "_crop_job", crop_then_interrupt)
+    with pytest.raises(KeyboardInterrupt) as stop:  # a bare one would stop the test session
+        svhn.split_cache(source, "train", tmp_path / "cache", 64)
+    message = str(stop.value)
+    assert isinstance(stop.value, CacheBuildInterrupted) and "\n" not in message
+    assert f"while building the cache {tmp_path / 'cache'}/svhn_train_64px_tight_" in message
+    assert "the partial cache was removed: run the same command to build it again" in message
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_config_cache_dir_wins_over_the_trainers_folder(source, mnist_folder, tmp_path):
+    """Both SVHN tasks cache under ``config.data.cache_dir`` when it is set, not in the folder the trainer
+    passes (``<workdir>/data``)."""
+    option, argument = tmp_path / "C", tmp_path / "W" / "data"
+    real = svhn.make_dataset(config(source=str(source), cache_dir=str(option)), seed=0, global_batch_size=2,
+                             cache_dir=argument)
+    synthetic = svhn.make_dataset(synth_config(mnist_folder, cache_dir=str(option)), seed=0, global_batch_size=2,
+                                  cache_dir=argument)
+    real.train_batch(0), real.test_examples([0]), synthetic.test_examples([0])
+    assert sorted(p.name.split("_")[:2] for p in option.iterdir() if p.suffix != ".json") == [
+        ["svhn", "extra"], ["svhn", "synth"], ["svhn", "test"], ["svhn", "train"]]
+    assert not argument.exists()
 
 
 def test_missing_images_can_be_skipped(source, tmp_path):

@@ -186,15 +186,42 @@ def _tiny_config(tmp_path, **options):
     return c
 
 
-def test_tiny_training_run(tmp_path):
-    """End to end: configs/svhn.py 'st_single,64,tiny' on synthetic house numbers, 2 steps, with dropout."""
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """configs/svhn.py 'st_single,64,tiny' on synthetic house numbers, 2 steps: (config, workdir, result)."""
     from stn_jax.paper import train
-    result = train.train_and_evaluate(_tiny_config(tmp_path), tmp_path / "run")
+    folder = tmp_path_factory.mktemp("svhn_tiny")
+    config = _tiny_config(folder)
+    return config, folder / "run", train.train_and_evaluate(config, folder / "run")
+
+
+def test_tiny_training_run(tiny_run):
+    """End to end: configs/svhn.py 'st_single,64,tiny' on synthetic house numbers, 2 steps, with dropout."""
+    _, _, result = tiny_run
     print(f"tiny ST-CNN Single, 2 steps: sequence error {result['error']:.3f}, "
           f"position error {result['position_error']:.3f}, loss {result['loss']:.3f}")
     assert list(result)[0] == "error"
     assert 0.0 <= result["error"] <= 1.0 and 0.0 <= result["position_error"] <= result["error"] + 1e-9
     assert np.isfinite(result["loss"])
+
+
+def test_evaluate_scores_own_house_numbers(tiny_run, tmp_path):
+    """``--config.data.test_npz`` for a house-number model: images (N, 64, 64, 3), labels (N, 5) with 10 = no
+    digit; checked like MNIST's (a label of 11 is refused in one line)."""
+    from stn_jax.paper import train
+    config, workdir, _ = tiny_run
+    rng = np.random.default_rng(0)
+    labels = np.full((6, 5), 10)
+    labels[:, :2] = rng.integers(0, 10, (6, 2))
+    np.savez(tmp_path / "numbers.npz", images=rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8), labels=labels)
+    mine = config.copy_and_resolve_references()
+    mine.data.test_npz = str(tmp_path / "numbers.npz")
+    result = train.evaluate_checkpoint(mine, workdir)
+    assert 0.0 <= result["error"] <= 1.0 and np.isfinite(result["loss"])
+    np.savez(tmp_path / "eleven.npz", images=np.zeros((2, 64, 64, 3), np.uint8), labels=np.full((2, 5), 11))
+    mine.data.test_npz = str(tmp_path / "eleven.npz")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) for this model"):
+        train.evaluate_checkpoint(mine, workdir)
 
 
 def test_relu_layers_start_with_he_initialisation():

@@ -137,6 +137,7 @@ class Triplet(Objective):
 
     name = "triplet"
     headline = "localised"
+    scores_labels = False  # it reads boxes and random patches
     defaults = {"alpha": 1.0, "patch_scale": "crop", "patch_min_scale": 0.25, "patch_max_scale": 0.5,
                 "normalize": True, "num_pairs": 0, "iou_threshold": 0.5, "box": "box"}
 

@@ -12,6 +12,8 @@ A run is "model + data + objective" (``config.objective.name``). An
   ``eval_sums``; the key `headline` is the number a run reports
   (``experiments.evaluate`` prints ``test_<headline>=... test_loss=...``);
 * ``pictures``: whether the loop draws the transformers' inputs and outputs;
+* ``scores_labels``: whether ``eval_sums`` reads only ``image`` and ``label`` (so
+  that a file of your own images and labels, ``config.data.test_npz``, can be scored);
 * ``result_line(result)``: the line the command-line tools print.
 
 Classification (softmax cross-entropy, error rate) is the paper's objective
@@ -38,6 +40,7 @@ class Objective:
     name: str = ""
     headline: str = "error"
     pictures: bool = True
+    scores_labels: bool = True
     defaults: Mapping[str, Any] = {}
 
     def __init__(self, **options: Any):
@@ -119,11 +122,12 @@ class Classification(Objective):
         return {"error": sums["errors"] / count, "loss": sums["loss"] / count}
 
 
-def check_labels(labels: Any, num_classes: int, what: str) -> None:
-    """Raises one line unless ``labels`` are integers in ``[0, num_classes)`` of shape ``(N,)``."""
+def check_labels(labels: Any, num_classes: int, what: str, shape: tuple[int, ...] = ()) -> None:
+    """Raises one line unless ``labels`` are integers in ``[0, num_classes)`` of shape ``(N, *shape)``."""
     labels = jnp.asarray(labels) if not hasattr(labels, "dtype") else labels
-    if labels.ndim != 1:
-        raise ValueError(f"{what}: labels must have shape (N,), got {tuple(labels.shape)}")
+    if labels.ndim != 1 + len(shape) or tuple(labels.shape[1:]) != tuple(shape):
+        layout = f"(N, {', '.join(map(str, shape))})" if shape else "(N,)"
+        raise ValueError(f"{what}: labels must have shape {layout}, got {tuple(labels.shape)}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"{what}: labels must be integers, got {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):

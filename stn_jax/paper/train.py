@@ -41,11 +41,13 @@ import json
 import logging
 import os
 import platform
+import re
 import signal
 import socket
+import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +289,8 @@ class Run:
 
 
 def open_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
-    """Builds the run of a resolved config: data (test sets cached under ``workdir/data``), model, steps."""
+    """Builds the run of a resolved config: data (cached under ``config.data.cache_dir``, else ``workdir/data``),
+    model, steps."""
     s = setup(config, cache_dir=str(workdir / "data"))
     return Run(s, make_mesh(), make_eval_step(s), make_picture_step(s))
 
@@ -295,6 +298,76 @@ def open_run(config: ml_collections.ConfigDict, workdir: Path) -> Run:
 def checkpoint_manager(workdir: Path, keep: int, *, create: bool = True) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=False))
+
+
+@contextlib.contextmanager
+def _held_back_noise() -> Iterator[None]:
+    """Holds back what orbax's writer threads log (absl) and the unraisable exceptions they leave while a
+    checkpoint is written: a failed write raises in the caller too, and that one message is enough (a full
+    disk otherwise adds two thread tracebacks and "Event loop is closed" ones, which go on arriving until the
+    process ends). After a write that succeeds, the held-back records and exceptions are reported as usual."""
+    records: list[logging.LogRecord] = []
+    unraisable: list[Any] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        records.append(record)
+        return False
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(hold)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        yield
+    except BaseException:
+        sys.unraisablehook = _without_closed_loop_errors(previous_hook)
+        raise
+    finally:
+        absl_logger.removeFilter(hold)
+    sys.unraisablehook = previous_hook
+    for record in records:
+        absl_logger.handle(record)
+    for item in unraisable:
+        previous_hook(item)
+
+
+def _without_closed_loop_errors(hook: Callable[[Any], object]) -> Callable[[Any], None]:
+    """``hook`` for every unraisable exception but the "Event loop is closed" RuntimeErrors that the
+    callbacks of an aborted orbax write raise."""
+
+    def filtered(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+
+    return filtered
+
+
+def _os_error_code(message: str) -> int | None:
+    """The operating-system error number that tensorstore reports in an error's message
+    (``... No space left on device [os_error_code='28']``), or None."""
+    code = re.search(r"os_error_code='?(\d+)", message)
+    return int(code.group(1)) if code else None
+
+
+def save_checkpoint(checkpoints: ocp.CheckpointManager, step: int, state: TrainState) -> None:
+    """Writes the checkpoint of ``step`` and waits for it.
+
+    A write that fails for an operating-system reason (a full disk, a read-only folder, a quota) raises an
+    `OSError` with that error number, naming the step and the folder, in one line (tensorstore reports them
+    as a ValueError in its status text, without the number the CLI reads to add what to do); orbax's thread
+    tracebacks are held back (`_held_back_noise`).
+    """
+    try:
+        with _held_back_noise():
+            checkpoints.save(step, args=ocp.args.StandardSave(state))
+            checkpoints.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - tensorstore reports OS errors as ValueError and others
+        code = None if isinstance(e, OSError) else _os_error_code(str(e))
+        if code is None:
+            raise
+        raise OSError(code, f"{os.strerror(code)}: could not write the checkpoint of step {step}",
+                      str(checkpoints.directory)) from None
 
 
 def restore_step(run: Run, checkpoints: ocp.CheckpointManager, step: int, state: TrainState) -> TrainState:
@@ -452,7 +525,8 @@ def _train(run: Run, workdir: Path, lead: bool) -> dict[str, float]:
     log.info("training %s, steps %d -> %d on %d devices", model_and_task(config), start, config.total_steps,
              jax.device_count())
     total = config.total_steps
-    with _stop_requests() as stop:
+    # The bar and the logs are closed however the loop ends, so that an error's line is the last one printed.
+    with _stop_requests() as stop, contextlib.closing(progress), contextlib.closing(writer):
         for step in range(start, total):
             batch = run.global_batch(dataset.train_batch(step))
             with jax.transfer_guard("disallow"):
@@ -475,19 +549,13 @@ def _train(run: Run, workdir: Path, lead: bool) -> dict[str, float]:
             if due(done, config.checkpoint_every, total) or stop:
                 _check_finite(state, checkpoints)
                 if checkpoints.latest_step() != done:
-                    checkpoints.save(done, args=ocp.args.StandardSave(state))
-                    checkpoints.wait_until_finished()
+                    save_checkpoint(checkpoints, done, state)
             if stop:
-                progress.close()
-                writer.close()
                 raise Interrupted(f"stopped by signal {signal.Signals(stop[0]).name} after step {done}; saved the "
                                   f"checkpoint of step {done} in {checkpoints.directory}: run the same command "
                                   f"to resume")
-    progress.close()
     checkpoints.wait_until_finished()
-    result = evaluate(run, state)
-    writer.close()
-    return result
+    return evaluate(run, state)
 
 
 # ----------------------------------------------------------------------------
@@ -510,12 +578,13 @@ class ArrayTestSet:
 
 
 def load_npz_test_set(path: str | Path, image_shape: tuple[int, ...] | None = None,
-                      num_classes: int | None = None) -> ArrayTestSet:
-    """Reads ``images`` ((N, H, W) or (N, H, W, C); uint8 in [0, 255] or float in [0, 1]) and ``labels`` (N,).
+                      num_classes: int | None = None, label_shape: tuple[int, ...] = ()) -> ArrayTestSet:
+    """Reads ``images`` ((N, H, W) or (N, H, W, C); uint8 in [0, 255] or float in [0, 1]) and ``labels``
+    ((N, *label_shape): ``(N,)`` for a classifier, ``(N, 5)`` for SVHN's five digit positions).
 
     Checks, each failing in one line: the file is a readable ``.npz`` without
     pickled objects; both arrays are present and non-empty; the pixels are
-    finite and in range; the labels are integers of shape ``(N,)`` in
+    finite and in range; the labels are integers of shape ``(N, *label_shape)`` in
     ``[0, num_classes)``; the images have ``image_shape``.
     """
     path = Path(path)
@@ -537,7 +606,7 @@ def load_npz_test_set(path: str | Path, image_shape: tuple[int, ...] | None = No
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim not in (4, 5) or len(images) == 0 or len(images) != len(labels):
-        raise ValueError(f"{path}: expected images (N, H, W[, C]) with N > 0 and labels (N,), got "
+        raise ValueError(f"{path}: expected images (N, H, W[, C]) with N > 0 and N labels, got "
                          f"{images.shape} and {labels.shape}")
     if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
@@ -550,7 +619,7 @@ def load_npz_test_set(path: str | Path, image_shape: tuple[int, ...] | None = No
     else:
         raise ValueError(f"{path}: images must be uint8 or float, got {images.dtype}")
     if num_classes is not None:
-        check_labels(labels, num_classes, str(path))
+        check_labels(labels, num_classes, str(path), label_shape)
     if image_shape is not None and images.shape[1:] != tuple(image_shape):
         raise ValueError(f"{path}: images have shape {images.shape[1:]}, the model expects {tuple(image_shape)}")
     return ArrayTestSet({"image": images, "label": labels.astype(np.int32)})
@@ -565,10 +634,23 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path) 
     if not directory.is_dir() or not checkpoint_manager(workdir, 1, create=False).all_steps():
         raise FileNotFoundError(f"no checkpoint in {directory}: train first with "
                                 f"`python -m experiments.train --config ... --workdir {workdir}`")
-    check_resume_config(config, workdir)
+    for change in check_resume_config(config, workdir):
+        log.warning("evaluating with a setting other than the run's config.json: %s", change)
     run = open_run(config, workdir)
-    state = restore_latest(run, checkpoint_manager(workdir, config.keep_checkpoints, create=False), run.setup.state)
     npz = config.data.get("test_npz")
-    dataset = run.setup.dataset
-    test = load_npz_test_set(npz, tuple(dataset.image_shape), dataset.num_classes) if npz else None
+    test = npz_test_set(npz, run) if npz else None
+    state = restore_latest(run, checkpoint_manager(workdir, config.keep_checkpoints, create=False), run.setup.state)
     return evaluate(run, state, test)
+
+
+def npz_test_set(path: str | Path, run: Run) -> ArrayTestSet:
+    """``config.data.test_npz`` checked against the run's data set (image shape, label shape, classes) by
+    `load_npz_test_set`; refused for objectives that score more than images and labels (co-localisation's
+    triplet objective reads boxes)."""
+    objective = run.setup.objective
+    if not objective.scores_labels:
+        raise ValueError(f"config.data.test_npz: objective {objective.name!r} scores more than images and labels, "
+                         f"so a file of images and labels cannot be evaluated; leave test_npz unset")
+    dataset = run.setup.dataset
+    return load_npz_test_set(path, tuple(dataset.image_shape), dataset.num_classes,
+                             tuple(dataset.element_spec["label"].shape))

@@ -75,7 +75,9 @@ assumption. See ``../shared/reference/paper.md`` 2.3 and
   version, classes), the SHA-256 of the four per-image annotation files and
   every kept image's name and byte size, so a changed option or source makes
   a new cache. Built with a progress bar, in ``num_workers`` processes,
-  into a temporary folder renamed when complete. Loading checks sizes and
+  into a temporary folder renamed when complete (`files.building_folder`: a
+  Ctrl-C or an error, such as a truncated JPEG, which is named, removes it; a
+  folder left without its ``meta.json`` is rebuilt and replaced). Loading checks sizes and
   ``arrays.npz``'s SHA-256, and ``pixels.bin``'s when it is at most
   ``VERIFY_LIMIT_BYTES`` (1 GiB). Sizes: 196,608 bytes an image at 256
   square (the 1,701-image sample: 334 MB; all 11,788: 2.3 GB), 786,432 at
@@ -128,8 +130,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
-import tempfile
 import threading
 import time
 import weakref
@@ -141,7 +141,15 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from stn_jax.paper.data.files import progress, publish_folder, sha256_file
+from stn_jax.paper.data.files import (
+    IMAGE_ERRORS,
+    building_folder,
+    cache_folder,
+    describe_image_error,
+    ignore_interrupts,
+    progress,
+    sha256_file,
+)
 from stn_jax.paper.data.tasks import resolve_options
 
 log = logging.getLogger(__name__)
@@ -443,21 +451,32 @@ def _resized_shape(w: int, h: int, resize: int, mode: str) -> tuple[int, int]:
 def decode_resize(data: str | os.PathLike | bytes | np.ndarray, resize: int, mode: str = "square"
                   ) -> tuple[np.ndarray, tuple[int, int]]:
     """A JPEG (path, bytes or an already decoded uint8 array) as RGB resized uint8 ``(h, w, 3)``, and the
-    original ``(width, height)``. Greyscale, CMYK and palette images become RGB."""
+    original ``(width, height)``. Greyscale, CMYK and palette images become RGB.
+
+    Raises `CubSourceError` for a missing file and `CubFormatError` naming the file when it is truncated
+    or not an image.
+    """
     import io
 
     from PIL import Image
 
-    if isinstance(data, np.ndarray):
-        im = Image.fromarray(data.squeeze(-1) if data.ndim == 3 and data.shape[-1] == 1 else data)
-    else:
-        im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    with im:
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        size = im.size
-        out = im.resize(_resized_shape(size[0], size[1], resize, mode), Image.Resampling.BILINEAR)
-        return np.asarray(out, np.uint8), size
+    name = str(data) if isinstance(data, (str, os.PathLike)) else f"(a {type(data).__name__})"
+    try:
+        if isinstance(data, np.ndarray):
+            im = Image.fromarray(data.squeeze(-1) if data.ndim == 3 and data.shape[-1] == 1 else data)
+        else:
+            im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        with im:
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            size = im.size
+            out = im.resize(_resized_shape(size[0], size[1], resize, mode), Image.Resampling.BILINEAR)
+            return np.asarray(out, np.uint8), size
+    except FileNotFoundError:
+        raise CubSourceError(f"CUB image {name} is missing. {HOW_TO_GET}") from None
+    except IMAGE_ERRORS as e:
+        raise CubFormatError(f"CUB image {name} is truncated or unreadable ({describe_image_error(e)}): replace "
+                             f"it with the original file. {HOW_TO_GET}") from None
 
 
 def crop_example(image: np.ndarray, orig_size: Sequence[int], box_xywh: Sequence[float], size: int,
@@ -524,10 +543,7 @@ def _fill(spec: tuple, items: Sequence[tuple], image: np.ndarray, box: np.ndarra
         if kind == "cache":
             resized, orig = _cached_image(cache, int(ref))
         else:
-            try:
-                resized, orig = decode_resize(ref, resize, mode)
-            except FileNotFoundError:
-                raise CubSourceError(f"CUB image {ref} is missing. {HOW_TO_GET}") from None
+            resized, orig = decode_resize(ref, resize, mode)
         crop, box[k] = crop_example(resized, orig, box_xywh, size, entropy, flip)
         if image.dtype == np.uint8:
             image[k] = crop
@@ -565,7 +581,8 @@ def _worker_count(num_workers: int) -> int:
 
 
 def _spawn_executor(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=ignore_interrupts)
 
 
 def _default_cache_dir() -> Path:
@@ -600,12 +617,9 @@ def cache_path(cache_dir: str | os.PathLike, options: dict[str, Any], source: di
 def _write_cache(path: Path, entries, total: int, arrays, meta: dict[str, Any]) -> Path:
     """Writes ``entries`` (an iterator of (bytes, (h, w), (ow, oh)) in row order, at most ``total``) and the
     per-image ``arrays`` (a dict, or a callable returning one after the pass) into a temporary folder beside
-    ``path``, then renames it to ``path``."""
+    ``path``, then renames it to ``path`` (`building_folder`)."""
     start = time.time()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-    bar = progress(total=total, desc=f"CUB resize cache {path.name}")
-    try:
+    with building_folder(path) as tmp, progress(total=total, desc=f"CUB resize cache {path.name}") as bar:
         offset = np.zeros(total, np.int64)
         shape = np.zeros((total, 2), np.int32)
         orig = np.zeros((total, 2), np.int32)
@@ -627,12 +641,6 @@ def _write_cache(path: Path, entries, total: int, arrays, meta: dict[str, Any]) 
                            "arrays.npz": {"sha256": sha256_file(tmp / "arrays.npz"),
                                           "bytes": (tmp / "arrays.npz").stat().st_size}})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        publish_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
     log.info("CUB resize cache: %d images, %.2f GB in %.1f s (%s)", count, position / 1e9, time.time() - start, path)
     return path
 
@@ -648,7 +656,11 @@ def build_folder_cache(records: CubRecords, path: Path, resize: int, mode: str, 
     if workers <= 1 or len(jobs) < 64:
         return _write_cache(path, map(_resize_job, jobs), len(jobs), arrays, meta)
     with _spawn_executor(workers) as pool:
-        return _write_cache(path, pool.map(_resize_job, jobs, chunksize=16), len(jobs), arrays, meta)
+        try:
+            return _write_cache(path, pool.map(_resize_job, jobs, chunksize=16), len(jobs), arrays, meta)
+        except BaseException:  # a bad image or Ctrl-C: drop the queued images instead of decoding them all first
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def load_cache(path: str | os.PathLike, *, verify: bool | None = None) -> dict[str, Any]:
@@ -796,8 +808,7 @@ class CubDataset:
         self.resize_mode = p["resize_mode"]
         self.flip = bool(p["flip"])
         self.workers = _worker_count(p["num_workers"])
-        chosen = p["cache_dir"] or cache_dir
-        self.cache_dir = Path(chosen).expanduser() if chosen else _default_cache_dir()
+        self.cache_dir = cache_folder(p["cache_dir"], cache_dir, _default_cache_dir())
         self.cache_path: Path | None = None
         self._load_source()
         self.image_shape = (self.image_size, self.image_size, 3)

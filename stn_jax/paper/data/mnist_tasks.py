@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from stn_jax.paper.data import distortions as D
-from stn_jax.paper.data.tasks import DataTask, register
+from stn_jax.paper.data.tasks import EVALUATION_OPTIONS, DataTask, register
 
 # Options every MNIST-family task has.
 COMMON: dict[str, Any] = {
@@ -30,11 +30,11 @@ COMMON: dict[str, Any] = {
     "test_size": 10_000,       # [U] one distorted copy per MNIST test digit, at most the split; -1 = the whole split
     "generator_device": "cpu",  # "cpu" (same bits on every machine) or "default" (the default JAX device)
     "prefetch": True,          # dispatch the next training batch while the current one is used
-    "test_npz": "",            # experiments.evaluate: score a .npz of `images` and `labels` instead of the test set
 }
 # Options that do not change the generated data (the source's content enters the test-set fingerprint
 # through its digest; generator_device is assumed not to change the bits, which holds for the default "cpu").
-NO_CONTENT = ("source", "tfds_data_dir", "tfds_manual_dir", "cache_dir", "generator_device", "prefetch", "test_npz")
+NO_CONTENT = ("source", "tfds_data_dir", "tfds_manual_dir", "cache_dir", "generator_device", "prefetch",
+              *EVALUATION_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,7 @@ import numpy as np
 
 from stn_jax import use_cpu_sampler
 from stn_jax.paper.data import distortions as D
-from stn_jax.paper.data.files import array_digest, atomic_write
+from stn_jax.paper.data.files import array_digest, atomic_write, cache_folder
 from stn_jax.paper.data.mnist import load_mnist
 from stn_jax.paper.data.mnist_tasks import MNIST_TASKS, NO_CONTENT, MnistTask
 
@@ -190,8 +190,7 @@ class MnistDataset:
         self.global_batch_size = int(global_batch_size)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.local_batch_size = self.global_batch_size // self.process_count
-        cache = cache_dir or self.params["cache_dir"] or None
-        self.cache_dir = Path(cache).expanduser() if cache else None
+        self.cache_dir = cache_folder(self.params["cache_dir"], cache_dir)
         p = self.params
         self._spec = task
         self.image_shape = tuple(task.image_shape(p))

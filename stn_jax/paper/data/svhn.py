@@ -54,8 +54,10 @@ Design of ``svhn``:
   image's name and size; for archives their name, size and first/last MiB),
   so a changed option or source makes a new cache. Built with a progress bar,
   in worker processes (``num_workers``), into a temporary folder that is
-  renamed when complete; read back with ``np.load(mmap_mode="r")``, so 235k
-  images are never all in memory. The SHA-256 sums are checked on load for
+  renamed when complete (`files.building_folder`: a Ctrl-C or an error removes
+  it; a folder left without its ``meta.json`` is rebuilt and replaced); read
+  back with ``np.load(mmap_mode="r")``, so 235k images are never all in memory.
+  A truncated or unreadable PNG stops the build naming the file. The SHA-256 sums are checked on load for
   caches up to ``VERIFY_LIMIT_BYTES`` (1 GiB), larger ones by size (their
   digests are logged; `verify_cache` checks them in full).
 * **Training batches** are pure functions of ``(seed, step, example index)``:
@@ -108,7 +110,6 @@ import logging
 import math
 import multiprocessing
 import os
-import shutil
 import tarfile
 import tempfile
 import time
@@ -120,8 +121,18 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from stn_jax.paper.data.files import array_digest, atomic_write, progress, publish_folder, sha256_file
-from stn_jax.paper.data.tasks import resolve_options
+from stn_jax.paper.data.files import (
+    IMAGE_ERRORS,
+    array_digest,
+    atomic_write,
+    building_folder,
+    cache_folder,
+    describe_image_error,
+    ignore_interrupts,
+    progress,
+    sha256_file,
+)
+from stn_jax.paper.data.tasks import EVALUATION_OPTIONS, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -515,15 +526,26 @@ def read_annotations(path: str | os.PathLike, split: str | None = None, *, progr
     return read_digit_struct_mat(src.annotation, progress=progress)
 
 
-def load_image(path: str | os.PathLike | bytes) -> np.ndarray:
-    """A PNG (path or bytes) as uint8 RGB ``(H, W, 3)``."""
+def load_image(path: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:
+    """A PNG (path or bytes) as uint8 RGB ``(H, W, 3)``; ``name`` names it in errors (default: the path).
+
+    Raises `SvhnSourceError` for a missing file and `SvhnFormatError` naming the image when it is
+    truncated or not an image (what to do included: one bad file among thousands is otherwise hard to find).
+    """
     from PIL import Image
 
+    in_archive = isinstance(path, bytes)
+    name = name or ("an SVHN image given as bytes" if in_archive else str(path))
     try:
-        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
+        with Image.open(io.BytesIO(path) if in_archive else path) as im:
             return np.asarray(im.convert("RGB"))
     except FileNotFoundError:
-        raise SvhnSourceError(f"SVHN image {path} is missing. {HOW_TO_GET}") from None
+        raise SvhnSourceError(f"SVHN image {name} is missing. {HOW_TO_GET}") from None
+    except IMAGE_ERRORS as e:
+        remedy = ("download the archive again" if in_archive else "replace it with the original file, or delete "
+                  "it and set config.data.allow_missing_images=True to skip it")
+        raise SvhnFormatError(f"SVHN image {name} is truncated or unreadable ({describe_image_error(e)}): "
+                              f"{remedy}. {HOW_TO_GET}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -590,9 +612,9 @@ def crop_128(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def _crop_job(job: tuple) -> np.ndarray:
-    """Worker: ``(png path or bytes, boxes, size, framing)`` -> crop."""
-    source, boxes, size, framing = job
-    return crop(load_image(source), boxes, size, framing)
+    """Worker: ``(png path or bytes, its name for errors, boxes, size, framing)`` -> crop."""
+    source, name, boxes, size, framing = job
+    return crop(load_image(source, name), boxes, size, framing)
 
 
 # ----------------------------------------------------------------------------
@@ -677,7 +699,7 @@ def _crops(jobs: Iterator[tuple], total: int, num_workers: int, desc: str) -> It
                 yield _crop_job(job)
                 bar.update()
         else:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            with multiprocessing.get_context("spawn").Pool(workers, initializer=ignore_interrupts) as pool:
                 block: list[tuple] = []
                 for job in jobs:
                     block.append(job)
@@ -697,8 +719,8 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
                 allow_missing_images: bool = False, num_workers: int = 0) -> Path:
     """Crops every kept image of ``src`` into the cache folder ``path`` (see the module docstring).
 
-    Writes into a temporary folder beside ``path`` and renames it when complete,
-    so an interrupted build leaves no partial cache and concurrent builders
+    Writes into a temporary folder beside ``path`` and renames it when complete
+    (`building_folder`), so an interrupted build leaves no partial cache and concurrent builders
     (e.g. several processes on one host) do not see each other's files.
     """
     start = time.time()
@@ -737,9 +759,7 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
         raise SvhnSourceError(f"SVHN split {src.split!r} at {src.path} has no usable image (annotated "
                               f"{len(records)}, absent {len(missing)}, too long {len(too_long)}). {HOW_TO_GET}")
     n = len(kept)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-    try:
+    with building_folder(path) as tmp:
         label = np.empty((n, MAX_DIGITS), np.int32)
         length = np.empty((n,), np.int32)
         box = np.full((n, MAX_DIGITS, 4), np.nan, np.float32)
@@ -751,7 +771,7 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
         image = np.lib.format.open_memmap(tmp / "image.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         desc = f"SVHN {src.split} {size}px"
         if src.kind == "folder":
-            jobs = ((str(src.path / r.filename), r.boxes, size, framing) for r in kept)
+            jobs = ((str(src.path / r.filename), str(src.path / r.filename), r.boxes, size, framing) for r in kept)
             for i, out in enumerate(_crops(jobs, n, num_workers, desc)):
                 image[i] = out
         else:
@@ -765,7 +785,8 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
                             folder, _, base = member.name.rpartition("/")
                             if member.isfile() and folder == member_folder and base in position:
                                 order.append(position.pop(base))
-                                yield tar.extractfile(member).read(), kept[order[-1]].boxes, size, framing
+                                yield (tar.extractfile(member).read(), f"{src.path}:{member.name}",
+                                       kept[order[-1]].boxes, size, framing)
                 except (tarfile.TarError, OSError, EOFError) as e:
                     raise SvhnFormatError(f"SVHN archive {src.path} is corrupt or truncated "
                                           f"({type(e).__name__}: {e}); download it again. {HOW_TO_GET}") from None
@@ -789,10 +810,6 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
                            "skipped_empty": len(empty), "skipped_missing_image": len(missing)},
                 "skipped_too_long": too_long, "files": files, "seconds": round(time.time() - start, 1)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        publish_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("SVHN %s cache: %d images in %.1f s (%s)", src.split, n, time.time() - start, path)
     return path
 
@@ -909,8 +926,7 @@ class _Base:
         self.global_batch_size = int(global_batch_size)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.local_batch_size = self.global_batch_size // self.process_count
-        cache = cache_dir or self.params["cache_dir"] or None
-        self.cache_dir = Path(cache).expanduser() if cache else None
+        self.cache_dir = cache_folder(self.params["cache_dir"], cache_dir)
         s = int(self.params["image_size"])
         self.image_size = s
         self.framing = resolve_framing(s, self.params["framing"])
@@ -1292,7 +1308,8 @@ class SvhnSynthDataset(_Base):
         images, labels, _ = self.mnist("test")
         h = hashlib.sha256(images.tobytes())
         h.update(np.asarray(labels, np.int64).tobytes())
-        content = {k: v for k, v in self.params.items() if k not in ("source", "cache_dir", "validation_size")}
+        ignored = ("source", "cache_dir", "validation_size", *EVALUATION_OPTIONS)
+        content = {k: v for k, v in self.params.items() if k not in ignored}
         content.update(version=SYNTH_VERSION, mnist_test=h.hexdigest())
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -27,7 +27,14 @@ import numpy as np
 
 from stn_jax.paper.registry import Registry
 
-__all__ = ["TASKS", "DataTask", "Dataset", "default_config", "make_dataset", "register", "resolve_options"]
+__all__ = ["EVALUATION_OPTIONS", "TASKS", "DataTask", "Dataset", "default_config", "make_dataset", "register",
+           "resolve_options"]
+
+# Options every task has that only `experiments.evaluate` reads; they change no data (no cache fingerprint
+# hashes them).
+EVALUATION_OPTIONS: Mapping[str, Any] = {
+    "test_npz": "",  # score a .npz of `images` and `labels` instead of the test set (`stn_jax.paper.train`)
+}
 
 
 class Dataset(Protocol):
@@ -69,7 +76,8 @@ TASKS: Registry[DataTask] = Registry("data task")
 
 
 def register(task: DataTask) -> DataTask:
-    return TASKS.register(task.name, task)
+    """Adds ``task`` to `TASKS`, with `EVALUATION_OPTIONS` among its options."""
+    return TASKS.register(task.name, dataclasses.replace(task, defaults={**task.defaults, **EVALUATION_OPTIONS}))
 
 
 def default_config(task: str) -> ml_collections.ConfigDict:
