@@ -42,7 +42,8 @@ EfficientNet-Lite0, beside the frozen backbone's linear probe (docs/results.md):
         --steps 678 --batch_size 8 --decays 1 --evals 6 --workroot workdirs/cub30 \
         --set data.classes=1-30 optimizer.learning_rate=0.01 optimizer.backbone_lr_multiplier=0.01
 
-(the base rate 0.01 at batch 8, the backbone again at 1e-4; the transformer rows ran with ``--evals 3``).
+(the base rate 0.01 at batch 8, the backbone again at 1e-4; the fine-tuned cells start their classifier
+from the study's linear probe; which rows have been run, and at which budgets: docs/results.md).
 
 Time per step on the 2-core CPU (batch 8, EfficientNet-Lite0; docs/benchmarks.md): CNN 224 px
 about 2.3 s, 2xST-CNN 448 px about 5.4 s, 4xST-CNN 448 px about 10 s (a transformer model costs
