@@ -9,9 +9,11 @@ Prints, for the config as given (override ``model.options.batch_norm``, the rate
 1. the BatchNorm gains ``|scale| / sqrt(running variance + eps)`` of the pretrained backbone
    (median, 90th and 99th percentile, maximum): with frozen statistics a weight update's effect on a
    channel is multiplied by its gain, where batch statistics would renormalise it;
-2. the cosine between the pooled features the backbone gives with batch statistics on batches of
-   ``batch_size`` and with its running statistics (drop-connect off in both), over four batches of
-   training images (centre crops): what a ``batch_norm=train`` model learns on versus what it is tested on;
+2. the cosine between the pooled features the backbone gives to 64 training images (centre crops,
+   drop-connect off) with batch statistics on batches of ``batch_size``, with batch statistics on one
+   batch of 64, and with its running statistics: what a ``batch_norm=train`` model learns on versus
+   what it is tested on, split into the batch's noise (``batch_size`` vs 64) and the data's
+   difference from ImageNet (64 vs running);
 3. every 5 of ``--steps`` training steps (the run's own train step): the loss, the gradient norm, the
    mean cosine of the backbone's evaluation-mode features of 33 test images to the pretrained ones,
    and the fraction of the features that are constant over those images (dead or saturated ReLU6);
@@ -37,6 +39,7 @@ flags.DEFINE_float("variance_floor", 0.0, "Raise every running variance to at le
                    "(bounds the gains of near-dead channels; 0: the pretrained statistics as they are).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+BIG_BATCH = 64  # training images whose features with batch statistics are compared (fewer if there are fewer)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -68,14 +71,19 @@ def main(argv) -> None:
     def features(model, images):
         return np.asarray(nnx.jit(lambda m, x: m.backbone(m.preprocess(x)).features)(model, images))
 
-    batches = [ds.train_examples(np.arange(k, k + config.batch_size))["image"]
-               for k in range(0, 4 * config.batch_size, config.batch_size)]
+    big_batch = min(BIG_BATCH, ds.train_size)
+    images = ds.train_examples(np.random.default_rng(config.seed).permutation(ds.train_size)[:big_batch])["image"]
     training = s.merge(s.state.params, s.state.model_state, train=True)
     training.set_attributes(nnx.BatchNorm, use_running_average=False)  # batch statistics, whatever the mode
     training.set_attributes(nnx.Dropout, deterministic=True)  # no drop-connect: BatchNorm is the only difference
-    cos = np.concatenate([cosine(features(training, b), features(evaluation, b)) for b in batches])
-    print(f"batch-statistics vs running-statistics features, batches of {config.batch_size}: cosine mean "
-          f"{cos.mean():.3f}, min {cos.min():.3f}")
+    small = np.concatenate([features(training, images[k:k + config.batch_size])
+                            for k in range(0, big_batch - config.batch_size + 1, config.batch_size)])
+    big, running = features(training, images), features(evaluation, images)
+    for name, a, b in ((f"batches of {config.batch_size} vs running statistics", small, running[:len(small)]),
+                       (f"batches of {config.batch_size} vs one batch of {big_batch}", small, big[:len(small)]),
+                       (f"one batch of {big_batch} vs running statistics", big, running)):
+        cos = cosine(a, b)
+        print(f"features with {name}: cosine mean {cos.mean():.3f}, min {cos.min():.3f}")
 
     test = ds.test_examples(np.arange(0, ds.test_size, max(ds.test_size // 33, 1))[:33])["image"]
     start = features(evaluation, test)

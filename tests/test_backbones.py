@@ -38,7 +38,7 @@ from stn_jax.paper.models.backbones import (
     read_torch_state_dict,
     save_converted,
 )
-from stn_jax.paper.models.backbones.convert import nnx_to_torch_shape
+from stn_jax.paper.models.backbones.convert import fold_batch_norm, nnx_to_torch_shape
 
 TOL = 1e-4  # max abs difference of float32 logits against PyTorch
 
@@ -484,6 +484,50 @@ def _fake_state_dict(name_map, module) -> dict[str, np.ndarray]:
         if key.endswith("running_var"):
             out[key.replace("running_var", "num_batches_tracked")] = np.zeros((), np.int64)
     return out
+
+
+def _random_state_dict(name_map, module, seed: int) -> dict[str, np.ndarray]:
+    """`_fake_state_dict` filled with random weights, BatchNorm scales of both signs and running variances
+    from 0.2 to 2 (gains from 0.35 to 3.4: tame enough that float32 rounding stays small through the
+    network, unlike the ImageNet weights' gains of up to 75)."""
+    rng = np.random.default_rng(seed)
+    out = _fake_state_dict(name_map, module)
+    for key, value in out.items():
+        if key.endswith("running_var"):
+            out[key] = rng.uniform(0.2, 2.0, value.shape).astype(np.float32)
+        elif key.endswith("weight") and value.ndim == 1:  # BatchNorm scales
+            out[key] = (rng.choice([-1, 1], value.shape) * rng.uniform(0.5, 1.5, value.shape)).astype(np.float32)
+        elif key.endswith("num_batches_tracked"):
+            continue
+        elif value.ndim == 4:  # convolution weights, fan-in scaled
+            out[key] = rng.normal(0, 1 / np.sqrt(np.prod(value.shape[1:])), value.shape).astype(np.float32)
+        else:
+            out[key] = rng.normal(0, 0.5, value.shape).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "inception_bn"])
+def test_folded_batch_norm_is_the_same_network_with_unit_gains(name):
+    """`fold_batch_norm`: every output of the evaluation-mode network unchanged (float32 rounding), every
+    BatchNorm at scale 1 and variance ``1 - eps``, the input state dict untouched."""
+    spec = BACKBONES[name]
+    names = spec.torch_name_map(None)
+    state = _random_state_dict(names, nnx.eval_shape(lambda: spec.create(None, rngs=nnx.Rngs(0))), seed=3)
+    before = {k: v.copy() for k, v in state.items()}
+    folded = fold_batch_norm(state, names, epsilon=spec.bn_epsilon)
+    assert set(folded) == set(state) and all(np.array_equal(state[k], before[k]) for k in state)
+    nets = [build_from_torch_state_dict(lambda: spec.create(None, rngs=nnx.Rngs(0)), sd, names)
+            for sd in (state, folded)]
+    for net in nets:
+        net.eval()
+    x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    (fmap, fmap_folded) = (_forward(net, x).feature_map for net in nets)
+    np.testing.assert_allclose(fmap_folded, fmap, rtol=1e-3, atol=1e-3 * float(jnp.abs(fmap).max()))
+    norms = [m for _, m in nnx.iter_modules(nets[1]) if isinstance(m, nnx.BatchNorm)]
+    assert len(norms) == sum(k.endswith("running_var") for k in names)
+    for m in norms:
+        np.testing.assert_array_equal(m.scale[...], 1.0)
+        np.testing.assert_array_equal(m.var[...], np.float32(1 - spec.bn_epsilon))
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_parameter_groups_put_backbones_loc_and_head_apart():
     assert models.cub.CubCNN.backbone_attributes == ("backbone",)
 
 
-@pytest.mark.parametrize("mode", ["frozen", "train"])
+@pytest.mark.parametrize("mode", ["frozen", "folded", "train"])
 def test_batch_norm_mode_decides_whether_training_uses_and_updates_batch_statistics(mode):
     """``model.train()`` of a CUB model: every BatchNorm on running statistics when frozen (dropout still
     trains); a forward pass in training mode then leaves the statistics as they are, and updates them when
@@ -142,7 +142,7 @@ def test_batch_norm_mode_decides_whether_training_uses_and_updates_batch_statist
     model = models.abstract_model("cub_cnn", None, (32, 32, 3), 3, batch_norm=mode)
     model.train()
     norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
-    assert len(norms) == 49 and all(m.use_running_average == (mode == "frozen") for m in norms)
+    assert len(norms) == 49 and all(m.use_running_average == (mode != "train") for m in norms)
     assert not model.dropout.deterministic
     model.eval()
     assert all(m.use_running_average for m in norms)
@@ -158,9 +158,9 @@ def test_batch_norm_mode_decides_whether_training_uses_and_updates_batch_statist
     y = small.norm(x)
     changed = not np.array_equal(np.asarray(small.norm.mean[...]), np.zeros(2))
     assert changed == (mode == "train")
-    if mode == "frozen":  # running statistics (0, 1): the identity up to epsilon
+    if mode != "train":  # running statistics (0, 1): the identity up to epsilon
         np.testing.assert_allclose(y, x / np.sqrt(1 + small.norm.epsilon), rtol=1e-6)
-    with pytest.raises(ValueError, match="batch_norm must be one of train, frozen"):
+    with pytest.raises(ValueError, match="batch_norm must be one of train, frozen, folded"):
         models.abstract_model("cub_cnn", None, (32, 32, 3), 3, batch_norm="eval")
 
 
@@ -195,3 +195,27 @@ def test_a_bad_weights_file_is_one_line_before_any_data_is_cached(tmp_path, gene
         setup(resolve(config))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow  # compiles a Lite0 training step: a minute or two on 2 cores
+def test_feature_drift_tool_reports_gains_batch_statistics_and_each_fifth_step(generated_cub, tmp_path):
+    """`experiments.cub_feature_drift` on the tiny (random-weight, 64 px) CNN of a generated folder."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "experiments.cub_feature_drift",
+                          "--config=configs/cub.py:efficientnet_lite0,cnn224,tiny",
+                          f"--config.data.source={generated_cub}",
+                          f"--config.data.cache_dir={tmp_path}", "--config.batch_size=2", "--steps=5"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("BatchNorm gains over 21008 channels: median ")
+    n = len([line for line in (generated_cub / "train_test_split.txt").read_text().splitlines()
+             if line.endswith(" 1")]) - 1  # class 4's training image is listed but absent
+    assert [line.split(":")[0] for line in lines[1:4]] == [
+        "features with batches of 2 vs running statistics", f"features with batches of 2 vs one batch of {n}",
+        f"features with one batch of {n} vs running statistics"], lines
+    assert lines[4].startswith("step 5: loss ") and "constant features" in lines[4]

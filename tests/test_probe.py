@@ -104,3 +104,36 @@ def test_raw_head_gives_the_probes_logits_and_starts_a_part_model_classifier(tmp
     np.savez(tmp_path / "odd.npz", kernel=np.zeros((5, 3)), bias=np.zeros(2), class_ids=np.zeros(3))
     with pytest.raises(ValueError, match="do not describe one classifier"):
         read_head(tmp_path / "odd.npz")
+
+
+def _sgd_config(learning_rate: float, boundaries=()):
+    import ml_collections
+    return ml_collections.ConfigDict(dict(name="sgd", learning_rate=learning_rate, momentum=0.9, nesterov=False,
+                                          weight_decay=1e-3, decay_boundaries=boundaries, decay_factor=0.1,
+                                          backbone_lr_multiplier=1.0, loc_lr_multiplier=1.0))
+
+
+def test_recipe_classifier_takes_the_configs_sgd_step():
+    """One full-batch step without dropout from a given head: ``W - lr (dL/dW + wd W)`` with the mean
+    cross-entropy's gradient computed by hand (the first momentum step is the gradient itself)."""
+    x, y = blobs(4, 3, 5, 1.0, 3)
+    rng = np.random.default_rng(4)
+    kernel, bias = rng.normal(size=(5, 3)), rng.normal(size=3)
+    got_k, got_b = probe.recipe_classifier(x, y, 3, _sgd_config(0.5), steps=1, batch_size=len(y), dropout=0.0,
+                                           start=(kernel, bias))
+    z = x @ kernel + bias
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    p /= len(y)
+    np.testing.assert_allclose(got_k, kernel - 0.5 * (x.T @ p + 1e-3 * kernel), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_b, bias - 0.5 * (p.sum(0) + 1e-3 * bias), rtol=1e-5, atol=1e-6)
+
+
+def test_recipe_classifier_learns_blobs_with_dropout_and_a_rate_drop():
+    x, y = blobs(20, 4, 8, 0.5, 5)
+    kernel, bias = probe.recipe_classifier(x, y, 4, _sgd_config(0.05, (60,)), steps=120, batch_size=8,
+                                           dropout=0.5, seed=1)
+    assert probe.head_error(kernel, bias, x, y) == 0.0
+    assert probe.head_error(*probe.recipe_classifier(x, y, 4, _sgd_config(0.0), steps=5, batch_size=8,
+                                                     dropout=0.5, seed=1), x, y) > 0.25  # the random start

@@ -11,6 +11,10 @@ pretrained features give without any fine-tuning, on the same data and split.
   cross-entropy ``+ l2 / 2 * |W|^2``, full batch, L-BFGS in float64 (scipy). The
   ``l2`` of `L2_GRID` with the best 5-fold cross-validated accuracy on the
   training set is refitted on all of it; the test set is used once, at the end.
+
+`recipe_classifier` trains the fine-tuning recipe's own classifier (dropout, one
+linear layer, the config's SGD) alone on the same frozen features: what the
+recipe could reach if the backbone did not move.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import scipy.optimize
 from flax import nnx
 
@@ -121,3 +128,53 @@ def choose_l2(features: np.ndarray, labels: np.ndarray, num_classes: int, *, see
             right += (1 - model.evaluate(features[parts[k]], labels[parts[k]])["error"]) * len(parts[k])
         scores[l2] = right / len(labels)
     return max(grid, key=lambda l2: (scores[l2], l2)), scores
+
+
+def recipe_classifier(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                      optimizer: ml_collections.ConfigDict, *, steps: int, batch_size: int, dropout: float,
+                      start: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The CUB CNN's classifier (dropout ``dropout``, then ``kernel (F, K)``, ``bias (K,)``) trained alone on
+    frozen ``features (N, F)`` with the mean cross-entropy and the config's ``optimizer`` (its base rate and
+    schedule, momentum and weight decay: `stn_jax.paper.train_state.make_optimizer`, group ``main``), for
+    ``steps`` batches of ``batch_size`` (a new permutation of the examples each epoch).
+
+    ``start``: a ``(kernel, bias)`` to start from (`SoftmaxRegression.raw_head`: the probe's), else
+    `nnx.Linear`'s initialisation (LeCun normal kernel, zero bias). Returns the trained ``(kernel, bias)``.
+    """
+    from stn_jax.paper.train_state import make_optimizer
+
+    key = jax.random.key(seed)
+    if start is None:
+        kernel = nnx.initializers.lecun_normal()(jax.random.fold_in(key, 0), (features.shape[1], num_classes))
+        params = {"kernel": kernel, "bias": jnp.zeros(num_classes)}
+    else:
+        params = {"kernel": jnp.asarray(start[0], jnp.float32), "bias": jnp.asarray(start[1], jnp.float32)}
+    tx = make_optimizer(optimizer, {"main": {"kernel": "main", "bias": "main"}, "loc": {}})
+    x_all, y_all = jnp.asarray(features, jnp.float32), jnp.asarray(labels)
+
+    def loss(p, x, y, k):
+        keep = jax.random.bernoulli(k, 1.0 - dropout, x.shape)
+        z = jnp.where(keep, x / (1.0 - dropout), 0.0) @ p["kernel"] + p["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+    @jax.jit
+    def step(carry, inputs):
+        p, opt_state = carry
+        idx, k = inputs
+        grads = jax.grad(loss)(p, x_all[idx], y_all[idx], k)
+        updates, opt_state = tx.update({"main": grads, "loc": {}}, opt_state, {"main": p, "loc": {}})
+        return (optax.apply_updates(p, updates["main"]), opt_state), None
+
+    rng = np.random.default_rng(seed)
+    epochs = -(-steps * batch_size // len(labels))
+    order = np.concatenate([rng.permutation(len(labels)) for _ in range(epochs)])[:steps * batch_size]
+    keys = jax.random.split(jax.random.fold_in(key, 1), steps)
+    (params, _), _ = jax.lax.scan(step, (params, tx.init({"main": params, "loc": {}})),
+                                  (jnp.asarray(order.reshape(steps, batch_size)), keys))
+    return np.asarray(params["kernel"]), np.asarray(params["bias"])
+
+
+def head_error(kernel: np.ndarray, bias: np.ndarray, features: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of ``features (N, F)`` that the linear classifier ``kernel (F, K)``, ``bias (K,)`` gets wrong."""
+    return float(np.mean(np.argmax(features @ kernel + bias, 1) != labels))

@@ -52,7 +52,7 @@ import stn_jax
 from stn_jax.layers import Flatten, as_localisation, pool
 from stn_jax.paper.models import ModelSpec, register
 from stn_jax.paper.models.backbones import BACKBONES, build_from_torch_state_dict, read_torch_state_dict
-from stn_jax.paper.models.backbones.convert import check_weights_path
+from stn_jax.paper.models.backbones.convert import check_weights_path, fold_batch_norm
 
 INITIAL_CENTRES = {1: [(0.0, 0.0)], 2: [(0.0, -0.5), (0.0, 0.5)],
                    4: [(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)]}
@@ -114,14 +114,17 @@ def _start_head(fc: nnx.Linear, path: str, parts: int, num_classes: int) -> None
 
 
 class _Backbones:
-    """Makes backbone copies, reading a pretrained state dict once."""
+    """Makes backbone copies, reading a pretrained state dict once (``fold``: `fold_batch_norm` applied)."""
 
-    def __init__(self, name: str, pretrained: str):
+    def __init__(self, name: str, pretrained: str, *, fold: bool = False):
         self.spec = _backbone_spec(name)
         path = _weights_path(name, pretrained) if pretrained else None
         self.state_dict = None
         if path is not None:
             self.state_dict = read_torch_state_dict(path, how_to_get=self.spec.how_to_get)
+            if fold:
+                self.state_dict = fold_batch_norm(self.state_dict, self.spec.torch_name_map(None),
+                                                  epsilon=self.spec.bn_epsilon)
 
     def make(self, rngs: nnx.Rngs) -> nnx.Module:
         if self.state_dict is None:
@@ -137,7 +140,7 @@ def _check_input(x: jax.Array, input_shape: tuple[int, ...], name: str) -> None:
                          f"(RGB in [0, 1], channels last), got {tuple(x.shape)}")
 
 
-BATCH_NORM_MODES = ("train", "frozen")
+BATCH_NORM_MODES = ("train", "frozen", "folded")
 
 
 class _BatchNormMode(nnx.Module):
@@ -145,15 +148,18 @@ class _BatchNormMode(nnx.Module):
 
     ``"train"``: batch statistics in training, running statistics updated (``model.train()`` as usual);
     ``"frozen"``: the running statistics the backbones start with (the pretrained ImageNet ones) in
-    training too, never updated; their scale and offset are still trained (docs/models.md, CUB).
-    Evaluation uses the running statistics in both.
+    training too, never updated; their scale and offset are still trained (docs/models.md, CUB);
+    ``"folded"``: ``"frozen"`` on pretrained weights whose statistics and scale are folded into the
+    convolutions (`fold_batch_norm`: the same network, SGD without the per-channel gain squared;
+    without pretrained weights it is ``"frozen"``).
+    Evaluation uses the running statistics in all three.
     """
 
     batch_norm: str = "train"
 
     def train(self, **attributes):
         super().train(**attributes)
-        if self.batch_norm == "frozen":
+        if self.batch_norm in ("frozen", "folded"):
             self.set_attributes(nnx.BatchNorm, use_running_average=True, raise_if_not_found=False)
 
 
@@ -171,7 +177,7 @@ class CubCNN(_BatchNormMode):
     def __init__(self, input_shape, num_classes: int, *, backbone: str, pretrained: str, dropout: float,
                  batch_norm: str, head_init: str, rngs: nnx.Rngs):
         self.batch_norm = _check_batch_norm(batch_norm)
-        maker = _Backbones(backbone, pretrained)
+        maker = _Backbones(backbone, pretrained, fold=batch_norm == "folded")
         self.input_shape, self.preprocess = tuple(input_shape), maker.spec.preprocess
         self.backbone = maker.make(rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -208,7 +214,7 @@ class CubSTCNN(_BatchNormMode):
         if size % crop_size or tuple(input_shape) != (size, size, 3):
             raise ValueError(f"input must be (S, S, 3) with S a multiple of crop_size {crop_size}, got "
                              f"{tuple(input_shape)}")
-        maker = _Backbones(backbone, pretrained)
+        maker = _Backbones(backbone, pretrained, fold=batch_norm == "folded")
         self.input_shape, self.preprocess = tuple(input_shape), maker.spec.preprocess
         self.num_transformers, self.scale, self.crop_size = n, float(scale), int(crop_size)
         self.downsample = size // crop_size

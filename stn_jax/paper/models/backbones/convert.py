@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 __all__ = ["StateDictMismatch", "read_torch_state_dict", "load_torch_state_dict", "convert_state_dict",
-           "build_from_torch_state_dict", "save_converted", "load_converted", "torch_to_nnx_layout",
+           "build_from_torch_state_dict", "fold_batch_norm", "save_converted", "load_converted", "torch_to_nnx_layout",
            "nnx_to_torch_shape", "IGNORED_SUFFIXES"]
 
 NameMapEntry = str | tuple[str, Callable[[np.ndarray], np.ndarray]]
@@ -129,6 +129,44 @@ def read_torch_state_dict(path: str | os.PathLike, *, how_to_get: str | None = N
         raise StateDictMismatch(f"{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to "
                                 f"tensors)")
     return {str(k): _to_numpy(v) for k, v in obj.items()}
+
+
+def fold_batch_norm(state_dict: Mapping[str, np.ndarray], name_map: Mapping[str, NameMapEntry], *,
+                    epsilon: float) -> dict[str, np.ndarray]:
+    """The same network with each BatchNorm's statistics and scale folded into the convolution before it.
+
+    With ``g = scale / sqrt(running_var + epsilon)`` per output channel, the convolution's weight (and bias,
+    where it has one) and the running mean are multiplied by ``g``; the BatchNorm keeps its bias, its scale
+    becomes 1 and its running variance ``1 - epsilon``, so that in evaluation mode (running statistics)
+    every output is unchanged up to rounding. Frozen statistics then train the folded weights: an SGD step
+    on them moves a channel's output by the learning rate times its gradient, where on the unfolded
+    weights it is multiplied by ``g ** 2`` (docs/models.md, CUB: ``g`` reaches 75 in EfficientNet-Lite0).
+
+    ``state_dict`` is a PyTorch one (output channels first); ``name_map`` is the backbone's
+    ``torch_name_map``, whose order pairs each BatchNorm (``.../scale``) with the last convolution
+    (``.../kernel``) listed before it. Returns a new dict; ``state_dict`` is not changed.
+    """
+    out = dict(state_dict)
+    conv = None
+    for torch_name, entry in name_map.items():
+        path = entry if isinstance(entry, str) else entry[0]
+        if path.endswith("/kernel") and np.ndim(state_dict[torch_name]) == 4:
+            conv = torch_name.removesuffix(".weight")
+        elif path.endswith("/scale"):
+            if conv is None:
+                raise StateDictMismatch(f"BatchNorm {torch_name} has no convolution before it to fold into")
+            bn = torch_name.removesuffix(".weight")
+            scale = np.asarray(state_dict[f"{bn}.weight"], np.float64)
+            g = scale / np.sqrt(np.asarray(state_dict[f"{bn}.running_var"], np.float64) + epsilon)
+            weight = state_dict[f"{conv}.weight"]
+            out[f"{conv}.weight"] = (weight * g.reshape(-1, 1, 1, 1)).astype(weight.dtype)
+            if f"{conv}.bias" in state_dict:
+                out[f"{conv}.bias"] = (state_dict[f"{conv}.bias"] * g).astype(weight.dtype)
+            out[f"{bn}.running_mean"] = (state_dict[f"{bn}.running_mean"] * g).astype(weight.dtype)
+            out[f"{bn}.running_var"] = np.full_like(state_dict[f"{bn}.running_var"], 1.0 - epsilon)
+            out[f"{bn}.weight"] = np.ones_like(state_dict[f"{bn}.weight"])
+            conv = None
+    return out
 
 
 def _to_numpy(value: Any) -> np.ndarray:
