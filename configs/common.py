@@ -3,8 +3,11 @@
 Each family's ``get_config`` starts from `training_config`, sets its model,
 data and budget, and takes an optional trailing ``tiny`` argument
 (`split_tiny`) that shrinks the run to a one-minute check
-(`shrink_for_local_run`). Values the paper does not state are marked [U] (our
-assumption) and [S] (second-hand, "to verify").
+(`shrink_for_local_run`). A family file that takes arguments lists every one
+it accepts (without ``tiny``) in its ``VARIANTS``
+(``python -m experiments.show_config`` shows what each builds). Values carry
+the provenance tags [P], [S], [R], [U] defined in `stn_jax.paper` ([U]: the
+paper does not state it).
 
 Configs are data: they set what their experiment changes. The run completes
 them with every default of the model, data task and objective
@@ -74,6 +77,16 @@ def family_choices(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     tasks = tuple(name for name, t in TASKS.items() if t.family == family)
     models = tuple(name for name, m in MODELS.items() if set(m.tasks) & set(tasks))
     return tasks, models
+
+
+def model_variants(models: tuple[str, ...]) -> tuple[str, ...]:
+    """The model part of every config argument `parse_model_arg` accepts for ``models``: ``"model,transform"``
+    for each transform of a model with several, ``"model"`` for one with none or one."""
+    out: list[str] = []
+    for model in models:
+        transforms = MODELS.get(model).transforms
+        out += [f"{model},{t}" for t in transforms] if len(transforms) > 1 else [model]
+    return tuple(out)
 
 
 def parse_model_arg(model: str, transform: str, models: tuple[str, ...]) -> tuple[str, str]:

@@ -64,6 +64,7 @@ ROWS = {  # row -> (model, transform, image size)
     "st2_448": ("cub_st2", "attention", 448),
     "st4_448": ("cub_st4", "attention", 448),
 }
+VARIANTS = tuple(f"{backbone},{row}" for backbone in BACKBONES for row in ROWS)  # every argument but tiny
 
 
 def get_config(arg: str = "efficientnet_lite0,st2_448") -> ml_collections.ConfigDict:

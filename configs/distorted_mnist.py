@@ -43,6 +43,7 @@ from configs.common import (
     data_config,
     family_choices,
     model_config,
+    model_variants,
     parse_model_arg,
     shrink_for_local_run,
     split_tiny,
@@ -50,6 +51,7 @@ from configs.common import (
 )
 
 TASKS, MODELS = family_choices("mnist")
+VARIANTS = tuple(f"{task},{model}" for task in TASKS for model in model_variants(MODELS))  # every argument but tiny
 
 
 def parse_arg(arg: str) -> tuple[str, str, str]:

@@ -22,9 +22,18 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import data_config, family_choices, model_config, shrink_for_local_run, split_tiny, training_config
+from configs.common import (
+    data_config,
+    family_choices,
+    model_config,
+    model_variants,
+    shrink_for_local_run,
+    split_tiny,
+    training_config,
+)
 
 _, MODELS = family_choices("mnist3d")
+VARIANTS = model_variants(MODELS)  # every argument but tiny
 
 
 def get_config(arg: str = "st3d") -> ml_collections.ConfigDict:

@@ -32,6 +32,7 @@ from configs.common import (
     data_config,
     family_choices,
     model_config,
+    model_variants,
     parse_model_arg,
     shrink_for_local_run,
     split_tiny,
@@ -39,6 +40,7 @@ from configs.common import (
 )
 
 _, MODELS = family_choices("addition")
+VARIANTS = model_variants(MODELS)  # every argument but tiny
 
 
 def get_config(arg: str = "add_2st_fcn,tps") -> ml_collections.ConfigDict:

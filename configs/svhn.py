@@ -55,6 +55,7 @@ MODELS = {"cnn": ("svhn_cnn", ""), "st_single": ("svhn_st_single", "affine"),
           "st_multi": ("svhn_st_multi", "affine")}
 SIZES = (64, 128)
 TINY_WIDTH = 0.125    # [U] CPU width multiplier of the tiny variant
+VARIANTS = tuple(f"{model},{size}{data}" for model in MODELS for size in SIZES for data in ("", ",synthetic"))
 
 
 def parse_arg(arg: str) -> tuple[str, str, int, bool]:

@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: config-file flags whose errors list the valid choices.
+"""Shared command-line plumbing: config-file flags whose errors list the valid choices, and a quiet terminal.
 
 `run(main)` is `absl.app.run` with a flag parser that turns a bad
 ``--config.<key>=...`` override, or a config file that rejects its arguments
@@ -9,6 +9,17 @@ unreadable checkpoint, a locked or unusable workdir, a full disk) are printed th
 same way, with exit status 1; a Ctrl-C (an interrupted run after its checkpoint is
 saved, an interrupted cache build, or anything else) is one ``interrupted: ...``
 line with exit status 130. Set ``STN_JAX_TRACEBACK=1`` to see their tracebacks.
+
+The terminal is quiet unless ``--verbosity`` (``-v``) is given: the project's
+own lines (``stn_jax`` loggers: progress, caches, the resolved config) are
+printed as plain text (warnings as ``warning: ...``), other libraries' records
+(orbax's checkpoint INFO lines, JAX's accelerator probe) only from WARNING up,
+and JAX's backend-probe messages not at all. With ``--verbosity=N`` every
+library logs through absl at that level, as absl apps do.
+
+`positional_config` and `config_from_workdir` adapt ``argv`` for entry points
+that take the config file as their first argument (``experiments.show_config``)
+or read it from a run's workdir (``experiments.evaluate --workdir W``).
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ from __future__ import annotations
 import errno
 import functools
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from absl import app, flags
 
@@ -65,7 +78,7 @@ def _config_file_error(argv: list[str]) -> str | None:
         if spec:
             try:
                 _load_config(spec)
-            except ValueError as e:
+            except (ValueError, FileNotFoundError) as e:
                 return str(e)
     return None
 
@@ -85,8 +98,10 @@ def _parse(argv: list[str]) -> list[str]:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that carry a complete message for the user (bad input, missing files, a stopped run)."""
+    from stn_jax.paper.checkpoints import CheckpointError
     from stn_jax.paper.data import MnistSourceError
-    from stn_jax.paper.train import CheckpointError, NonFiniteLossError, WorkdirError
+    from stn_jax.paper.train import NonFiniteLossError
+    from stn_jax.paper.workdir import WorkdirError
 
     return (ValueError, FileNotFoundError, NonFiniteLossError, MnistSourceError, CheckpointError, WorkdirError,
             KeyboardInterrupt, OSError)
@@ -122,8 +137,63 @@ def _advice(e: BaseException) -> str:
     return f"; {hint}" if hint else ""
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-    app.run(_reporting(main), flags_parser=_parse)
+class _PlainFormatter(logging.Formatter):
+    """The message alone; ``warning: ...`` / ``error: ...`` above INFO."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {message}"
+
+
+def _quiet_logging() -> None:
+    """The quiet terminal of the module docstring; nothing changes when ``--verbosity`` was given."""
+    if flags.FLAGS["verbosity"].present:
+        return
+    logging.root.setLevel(logging.WARNING)  # absl's handler; orbax logs through the "absl" logger
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "Unable to initialize backend 'tpu'"...
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    project = logging.getLogger("stn_jax")
+    project.addHandler(handler)
+    project.setLevel(logging.INFO)
+    project.propagate = False
+
+
+def _quiet(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    @functools.wraps(main)
+    def wrapped(argv):
+        _quiet_logging()
+        main(argv)
+
+    return wrapped
+
+
+def positional_config(argv: list[str]) -> list[str]:
+    """``prog CONFIG[:ARGS] [flags]`` -> ``prog --config=CONFIG[:ARGS] [flags]`` (``argv`` unchanged when its first
+    argument is a flag)."""
+    if len(argv) < 2 or argv[1].startswith("-"):
+        return argv
+    return [argv[0], f"--config={argv[1]}", *argv[2:]]
+
+
+WORKDIR_CONFIG = Path(__file__).with_name("workdir_config.py")
+"""The config file that reads a run's ``config.json`` (``--config experiments/workdir_config.py:W``)."""
+
+
+def config_from_workdir(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config=experiments/workdir_config.py:W`` added when it has ``--workdir W`` and no
+    ``--config``: the run's recorded config, to which ``--config.<key>=<value>`` overrides apply."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    workdir = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), None)
+    if workdir is None and "--workdir" in argv[:-1]:
+        workdir = argv[argv.index("--workdir") + 1]
+    return argv if workdir is None else [argv[0], f"--config={WORKDIR_CONFIG}:{workdir}", *argv[1:]]
+
+
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+    """`absl.app.run` of ``main`` on ``argv`` (default ``sys.argv``): one-line errors, a quiet terminal."""
+    app.run(_quiet(_reporting(main)), argv=argv, flags_parser=_parse)
 
 
 if __name__ == "__main__":

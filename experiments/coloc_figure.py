@@ -15,7 +15,6 @@ there (IoU > 0.5).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from absl import flags
@@ -33,30 +32,29 @@ def main(argv) -> None:
     del argv
     import jax
     import matplotlib
-    import ml_collections
     import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from stn_jax.paper import train
+    from stn_jax.paper.checkpoints import checkpoint_manager, restore_step
     from stn_jax.paper.coloc import iou, theta_to_box
     from stn_jax.paper.config import resolve
+    from stn_jax.paper.evaluation import open_run
+    from stn_jax.paper.workdir import read_config
 
     workdir = Path(FLAGS.workdir).expanduser().absolute()
-    if not (workdir / "config.json").is_file():
-        raise FileNotFoundError(f"{workdir} has no config.json: pass the workdir of a co-localisation training run")
-    config = resolve(ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
+    config = resolve(read_config(workdir))
     if config.objective.name != "triplet":
         raise ValueError(f"{workdir} is a {config.objective.name} run, not a co-localisation (triplet) run")
-    run_ = train.open_run(config, workdir)
+    run_ = open_run(config, workdir)
     dataset = run_.setup.dataset
     n = min(int(FLAGS.images), dataset.test_size)
     everything = dataset.test_examples(np.arange(dataset.test_size))
-    manager = train.checkpoint_manager(workdir, config.keep_checkpoints, create=False)
+    manager = checkpoint_manager(workdir, config.keep_checkpoints, create=False)
     states = [(0, jax.device_put(run_.setup.state, run_.replicated))]
-    states += [(s, train.restore_step(run_, manager, s, run_.setup.state)) for s in sorted(manager.all_steps())]
+    states += [(s, restore_step(run_, manager, s, run_.setup.state)) for s in sorted(manager.all_steps())]
 
     images, boxes = everything["image"], np.asarray(everything["box"])
     size = images.shape[1]

@@ -33,16 +33,15 @@ COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:orange")
 
 def crop_parameters(workdir: Path) -> tuple[np.ndarray, np.ndarray, object]:
     """``theta (N_transformers, N_test, 3)`` of the newest checkpoint, the test images' indices, the data set."""
-    import ml_collections
+    from stn_jax.paper.checkpoints import checkpoint_manager, restore_latest
+    from stn_jax.paper.evaluation import open_run
+    from stn_jax.paper.workdir import read_config
 
-    from stn_jax.paper import train
-
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = read_config(workdir)
     if not config.model.name.startswith("cub_st"):
         raise ValueError(f"{workdir} holds a {config.model.name} run; crops exist for cub_st2 / cub_st4 runs only")
-    r = train.open_run(config, workdir)
-    state = train.restore_latest(r, train.checkpoint_manager(workdir, config.keep_checkpoints, create=False),
-                                 r.setup.state)
+    r = open_run(config, workdir)
+    state = restore_latest(r, checkpoint_manager(workdir, config.keep_checkpoints, create=False), r.setup.state)
     ds = r.setup.dataset
     thetas = []
     for start in range(0, ds.test_size, config.eval_batch_size):

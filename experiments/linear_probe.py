@@ -49,8 +49,8 @@ def main(argv) -> None:
     del argv
     from stn_jax.paper import probe
     from stn_jax.paper.config import resolve
-    from stn_jax.paper.train import prepare_workdir, versions
     from stn_jax.paper.train_state import setup
+    from stn_jax.paper.workdir import prepare_workdir, versions
 
     config = resolve(FLAGS.config)
     if config.model.name != "cub_cnn":

@@ -20,7 +20,6 @@ their 64 px and 128 px crops:
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +129,6 @@ def real_house_numbers(source: str, out: Path, count: int) -> Path:
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = FLAGS.config
     count = FLAGS.rows * FLAGS.cols
     if config.data.task == "svhn":

@@ -4,15 +4,15 @@
     python -m experiments.train --config configs/quickstart.py --workdir workdirs/quickstart \\
         --config.data.source=../shared/data/mnist --config.total_steps=500
 
-Started again with the same workdir, a run resumes from its latest checkpoint.
+It starts by printing the resolved config and the model's parameters per group (the text of
+``experiments.show_config``), which ``W/config.json`` records. Started again with the same workdir, a run resumes
+from its latest checkpoint.
 Several processes (hosts) form one run when each is given
 ``--coordinator_address``, ``--num_processes`` and its ``--process_id``
 (on GPU/TPU clusters that set the usual environment, ``--distributed`` alone).
 """
 
 from __future__ import annotations
-
-import logging
 
 import jax
 from absl import flags
@@ -43,8 +43,6 @@ def initialize_distributed() -> None:
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
     initialize_distributed()
     from stn_jax.paper import train  # after distributed initialisation
     from stn_jax.paper.config import resolve

@@ -34,7 +34,14 @@ from configs import colocalisation, distorted_mnist, mnist_3d, mnist_addition
 from configs.common import family_choices
 from stn_jax import TRANSFORMS, affine_grid, warp
 from stn_jax.layers import SpatialTransformer
-from stn_jax.paper import models as models_lib, objectives as objectives_lib, train as train_lib, train_state
+from stn_jax.paper import (
+    checkpoints,
+    evaluation,
+    models as models_lib,
+    objectives as objectives_lib,
+    train as train_lib,
+    train_state,
+)
 from stn_jax.paper.config import resolve
 from stn_jax.paper.data import TASKS, tasks as tasks_lib
 from stn_jax.paper.models import MODELS, ModelSpec, PaperModel, check_transform
@@ -210,9 +217,9 @@ def metrics(workdir: Path) -> list[dict]:
 
 def restored(config, workdir: Path):
     """The run of ``config`` (resolved) and its newest checkpoint restored into a `TrainState`."""
-    run = train_lib.open_run(resolve(config), Path(workdir))
-    manager = train_lib.checkpoint_manager(Path(workdir), 3, create=False)
-    return run, train_lib.restore_latest(run, manager, run.setup.state)
+    run = evaluation.open_run(resolve(config), Path(workdir))
+    manager = checkpoints.checkpoint_manager(Path(workdir), 3, create=False)
+    return run, checkpoints.restore_latest(run, manager, run.setup.state)
 
 
 # ----------------------------------------------------------------------------
@@ -328,7 +335,7 @@ def test_a_second_objective_trains_and_evaluates_through_the_same_loop(registere
                                                                             test["image"])
     expected = np.mean(((np.asarray(jax.nn.softmax(logits)) - np.eye(3)[test["label"]]) ** 2).sum(-1))
     assert result["mse"] == pytest.approx(float(expected), rel=1e-5)
-    again = train_lib.evaluate_checkpoint(config, tmp_path)
+    again = evaluation.evaluate_checkpoint(config, tmp_path)
     assert again == pytest.approx(result, rel=1e-6)
 
 
@@ -367,8 +374,8 @@ def test_batchnorm_statistics_train_evaluate_and_resume_exactly(registered, tmp_
     assert not np.allclose(train_few, train_all[:4], atol=1e-4)
     assert not np.allclose(eval_all, train_all, atol=1e-4)
     # ... and `evaluate` uses the trained statistics (the run's own result; other statistics change it).
-    assert train_lib.evaluate(run, state) == pytest.approx(straight, rel=1e-6)
-    reset = train_lib.evaluate(run, state.replace(model_state=jax.device_put(initial, run.replicated)))
+    assert evaluation.evaluate(run, state) == pytest.approx(straight, rel=1e-6)
+    reset = evaluation.evaluate(run, state.replace(model_state=jax.device_put(initial, run.replicated)))
     assert reset["loss"] != pytest.approx(straight["loss"], rel=1e-4)
 
     # Killed while making step 6's batch (checkpoints at 4), resumed: the same final state, bit for bit.
@@ -383,7 +390,7 @@ def test_batchnorm_statistics_train_evaluate_and_resume_exactly(registered, tmp_
     with pytest.raises(Interrupt):
         train_lib.train_and_evaluate(config, tmp_path / "resumed")
     monkeypatch.undo()
-    assert train_lib.checkpoint_manager(tmp_path / "resumed", 3, create=False).all_steps() == [4]
+    assert checkpoints.checkpoint_manager(tmp_path / "resumed", 3, create=False).all_steps() == [4]
     resumed = train_lib.train_and_evaluate(config, tmp_path / "resumed")
     _, again = restored(config, tmp_path / "resumed")
     assert int(again.step) == 8
@@ -400,20 +407,12 @@ def test_batchnorm_statistics_train_evaluate_and_resume_exactly(registered, tmp_
 # ----------------------------------------------------------------------------
 
 
-def _with_transforms(model: str) -> list[str]:
-    """``model`` with each transform it accepts (``[model]`` for a model without a transformer)."""
-    transforms = MODELS.get(model).transforms
-    return [f"{model},{t}" for t in transforms] if len(transforms) > 1 else [model]
-
-
-# Config file -> (its variants, derived from the registries through the file's own constants; the tiny
-# variant trained one step here). Files not listed: their default `get_config()` resolves (below).
+# Config file -> (its variants, the file's own `VARIANTS`; the tiny variant trained one step here). Files not
+# listed: their default `get_config()` resolves (below).
 FAMILIES = {
-    "distorted_mnist": ([f"{task},{variant}" for task in distorted_mnist.TASKS for model in distorted_mnist.MODELS
-                         for variant in _with_transforms(model)], "rts,st_cnn,affine,tiny"),
-    "mnist_addition": ([m for model in mnist_addition.MODELS for m in _with_transforms(model)],
-                       "add_2st_fcn,tps,tiny"),
-    "mnist_3d": (list(mnist_3d.MODELS), "st3d,tiny"),
+    "distorted_mnist": (list(distorted_mnist.VARIANTS), "rts,st_cnn,affine,tiny"),
+    "mnist_addition": (list(mnist_addition.VARIANTS), "add_2st_fcn,tps,tiny"),
+    "mnist_3d": (list(mnist_3d.VARIANTS), "st3d,tiny"),
     "quickstart": ([None], None),
 }
 TINY = ("distorted_mnist", "mnist_addition", "mnist_3d")  # the files with a `tiny` suffix
@@ -432,8 +431,9 @@ def _abstract_model(resolved, ds):
 
 def test_every_config_variant_resolves_and_builds(synthetic_mnist):
     """Each variant (and its tiny version) resolves; each distinct model builds abstractly on its data's shape."""
+    transforms = {m: len(MODELS.get(m).transforms) for m in distorted_mnist.MODELS}
     assert len(FAMILIES["distorted_mnist"][0]) == len(distorted_mnist.TASKS) * sum(
-        len(_with_transforms(m)) for m in distorted_mnist.MODELS) >= 5 * 10
+        t if t > 1 else 1 for t in transforms.values()) >= 5 * 10
     built = {}
     for family, (variants, _) in FAMILIES.items():
         for arg in variants:
@@ -504,7 +504,7 @@ def test_tiny_variant_of_each_family_trains_a_step(family, synthetic_mnist, tmp_
     result = train_lib.train_and_evaluate(config, tmp_path)
     assert 0.0 <= result["error"] <= 1.0 and np.isfinite(result["loss"])
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [1]
-    assert train_lib.checkpoint_manager(tmp_path, 3, create=False).all_steps() == [1]
+    assert checkpoints.checkpoint_manager(tmp_path, 3, create=False).all_steps() == [1]
 
 
 # ----------------------------------------------------------------------------
@@ -538,6 +538,6 @@ def test_tiny_configs_evaluate_on_four_devices(synthetic_mnist, tmp_path):
         for part in path:
             node = node[part]
         node[last] = value
-    one = train_lib.evaluate_checkpoint(config, tmp_path)  # this process: 1 device
+    one = evaluation.evaluate_checkpoint(config, tmp_path)  # this process: 1 device
     assert jax.device_count() == 1
     assert one["error"] == error and one["loss"] == pytest.approx(loss, rel=1e-5)

@@ -21,7 +21,7 @@ import pytest
 from conftest import shared_path
 from PIL import Image
 
-from stn_jax.paper import train as train_lib
+from stn_jax.paper import evaluation
 from stn_jax.paper.data import cub, mnist as mnist_lib
 from stn_jax.paper.data.files import CacheBuildInterrupted
 from stn_jax.paper.data.tasks import TASKS, default_config, make_dataset, resolve_options
@@ -393,11 +393,11 @@ def test_evaluation_file_of_own_bird_images(fake_cub, tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "birds.npz", images=rng.integers(0, 256, (5, S, S, 3), dtype=np.uint8),
              labels=np.array([0, 1, 2, 2, 0]))
-    mine = train_lib.npz_test_set(tmp_path / "birds.npz", run)
+    mine = evaluation.npz_test_set(tmp_path / "birds.npz", run)
     assert mine.arrays["image"].shape == (5, S, S, 3) and mine.test_size == 5
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, S, S, 3), np.uint8), labels=np.array([0, 3]))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) for this model"):
-        train_lib.npz_test_set(tmp_path / "bad.npz", run)
+        evaluation.npz_test_set(tmp_path / "bad.npz", run)
 
 
 def test_tfds_without_network_fails_fast(tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def test_every_tiny_variant_trains_and_resumes_bit_identically(backbone, row, ge
                                                               tmp_path):
     """configs/cub.py ``<backbone>,<row>,tiny`` (random weights, 64 px) on a generated folder: 2 steps in one go
     equal 1 step, a stop and a resumed step, parameters and BatchNorm statistics (of every part network) alike."""
-    from stn_jax.paper import train
+    from stn_jax.paper import checkpoints, evaluation, train
 
     config = cub_config.get_config(f"{backbone},{row},tiny")
     config.data.source = str(generated_cub)
@@ -106,8 +106,9 @@ def test_every_tiny_variant_trains_and_resumes_bit_identically(backbone, row, ge
     train.train_and_evaluate(config, tmp_path / "resumed")
 
     def final_state(workdir):
-        run = train.open_run(resolve(config), workdir)
-        return train.restore_latest(run, train.checkpoint_manager(workdir, 3, create=False), run.setup.state)
+        run = evaluation.open_run(resolve(config), workdir)
+        return checkpoints.restore_latest(run, checkpoints.checkpoint_manager(workdir, 3, create=False),
+                                          run.setup.state)
 
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert int(a.step) == int(b.step) == 2

@@ -33,9 +33,11 @@ if str(ROOT) not in sys.path:
 
 from configs import distorted_mnist  # noqa: E402
 from experiments import cli  # noqa: E402
-from stn_jax.paper import train  # noqa: E402
+from stn_jax.paper import checkpoints, evaluation, train, workdir as workdir_lib  # noqa: E402
+from stn_jax.paper.config import resolve  # noqa: E402
 from stn_jax.paper.data import balanced_order  # noqa: E402
 from stn_jax.paper.data.files import CacheBuildInterrupted  # noqa: E402
+from stn_jax.paper.data.npz import load_npz_test_set  # noqa: E402
 from stn_jax.paper.objectives import create_objective  # noqa: E402
 
 ARG = "r,fcn,tiny"
@@ -180,8 +182,8 @@ def run_copy(done_run, tmp_path) -> Path:
 def test_second_run_in_a_locked_workdir_is_refused_naming_the_holder(tmp_path, source):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    with train.workdir_lock(workdir):
-        with pytest.raises(train.WorkdirError) as e:
+    with workdir_lib.workdir_lock(workdir):
+        with pytest.raises(workdir_lib.WorkdirError) as e:
             train.train_and_evaluate(config(source), workdir)
         # The CLI in another process sees the lock too (flock is per open file description).
         proc = python("-m", "experiments.train", *flags(workdir, source))
@@ -191,7 +193,7 @@ def test_second_run_in_a_locked_workdir_is_refused_naming_the_holder(tmp_path, s
     assert "\n" not in line
     assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
     # Released: the same workdir can be used now.
-    with train.workdir_lock(workdir):
+    with workdir_lib.workdir_lock(workdir):
         pass
 
 
@@ -204,7 +206,7 @@ def test_second_run_in_a_locked_workdir_is_refused_naming_the_holder(tmp_path, s
 def test_resuming_with_another_model_or_task_is_refused_before_writing(run_copy, source, arg):
     before = {p: p.read_bytes() for p in run_copy.glob("*.json*")}
     steps_before = sorted(os.listdir(run_copy / "checkpoints"))
-    with pytest.raises(train.WorkdirError) as e:
+    with pytest.raises(workdir_lib.WorkdirError) as e:
         train.train_and_evaluate(config(source, arg), run_copy)
     message = str(e.value)
     assert "\n" not in message and message.startswith("this workdir holds fcn on r, not "), message
@@ -213,7 +215,7 @@ def test_resuming_with_another_model_or_task_is_refused_before_writing(run_copy,
 
 
 def test_resuming_with_a_changed_setting_announces_and_records_it(run_copy, source, caplog):
-    with caplog.at_level(logging.WARNING, logger="stn_jax.paper.train"):
+    with caplog.at_level(logging.WARNING, logger="stn_jax.paper"):
         train.train_and_evaluate(config(source, **{"optimizer.learning_rate": 0.02}), run_copy)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("changed setting" in w and "optimizer.learning_rate: 0.01 -> 0.02" in w for w in warnings), warnings
@@ -228,10 +230,10 @@ def test_evaluate_announces_settings_that_differ_from_the_run(run_copy, source, 
     """Evaluating with another setting than the run's config.json (here the test digits' rotation) scores
     another test set: each changed setting is announced, as a resumed run announces it."""
     before = (run_copy / "config.json").read_bytes()
-    with caplog.at_level(logging.WARNING, logger="stn_jax.paper.train"):
-        train.evaluate_checkpoint(config(source), run_copy)
+    with caplog.at_level(logging.WARNING, logger="stn_jax.paper"):
+        evaluation.evaluate_checkpoint(config(source), run_copy)
         assert not [r for r in caplog.records if "setting" in r.getMessage()]  # the run's own settings: silent
-        train.evaluate_checkpoint(config(source, **{"data.max_angle": 0.0}), run_copy)
+        evaluation.evaluate_checkpoint(config(source, **{"data.max_angle": 0.0}), run_copy)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "evaluating with a setting other than the run's config.json: data.max_angle: 90.0 -> 0.0" in warnings
     assert (run_copy / "config.json").read_bytes() == before
@@ -261,17 +263,17 @@ def test_batch_sizes_not_divisible_by_the_devices_are_refused_up_front(tmp_path,
 
 
 def test_evaluate_counts_every_example_once(tmp_path, source, monkeypatch):
-    c = train.resolve(config(source, **{"data.test_size": 10, "eval_batch_size": 4}))
-    run = train.open_run(c, tmp_path)
+    c = resolve(config(source, **{"data.test_size": 10, "eval_batch_size": 4}))
+    run = evaluation.open_run(c, tmp_path)
     assert run.setup.dataset.test_size == 10
     monkeypatch.setattr(type(run.setup.objective), "summarize", lambda self, sums: dict(sums))
     state = jax.device_put(run.setup.state, run.replicated)
-    assert train.evaluate(run, state)["count"] == 10
+    assert evaluation.evaluate(run, state)["count"] == 10
     rng = np.random.default_rng(0)
     npz = tmp_path / "seven.npz"
     np.savez(npz, images=rng.integers(0, 256, (7, 28, 28), dtype=np.uint8), labels=np.arange(7) % 10)
-    test = train.load_npz_test_set(npz, tuple(run.setup.dataset.image_shape), 10)
-    assert train.evaluate(run, state, test)["count"] == 7
+    test = load_npz_test_set(npz, tuple(run.setup.dataset.image_shape), 10)
+    assert evaluation.evaluate(run, state, test)["count"] == 7
 
 
 # ---------------------------------------------------------------------------
@@ -294,8 +296,8 @@ def test_small_test_sets_are_a_seeded_class_balanced_subset(tmp_path, source):
     for k in (10, 25, 30):  # while every class lasts, counts differ by at most 1
         counts = np.bincount(labels[order[:k]], minlength=10)
         assert counts.max() - counts.min() <= 1, (k, counts)
-    c = train.resolve(config(source, **{"data.test_size": 25}))
-    dataset = train.open_run(c, tmp_path).setup.dataset
+    c = resolve(config(source, **{"data.test_size": 25}))
+    dataset = evaluation.open_run(c, tmp_path).setup.dataset
     test_labels = np.asarray(dataset.test_examples(np.arange(dataset.test_size))["label"])
     counts = np.bincount(test_labels, minlength=10)
     assert len(test_labels) == 25 and (counts > 0).all() and counts.max() - counts.min() <= 1, counts
@@ -334,17 +336,17 @@ IMAGES = np.zeros((4, 28, 28), np.uint8)
 def test_bad_evaluation_inputs_fail_in_one_line(tmp_path, name, arrays, error, fragment):
     path = _npz(tmp_path / f"{name}.npz", **arrays)
     with pytest.raises(error) as e:
-        train.load_npz_test_set(path, (28, 28, 1), 10)
+        load_npz_test_set(path, (28, 28, 1), 10)
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_missing_and_unreadable_npz_fail_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.load_npz_test_set(tmp_path / "absent.npz", (28, 28, 1), 10)
+        load_npz_test_set(tmp_path / "absent.npz", (28, 28, 1), 10)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError) as e:
-        train.load_npz_test_set(garbage, (28, 28, 1), 10)
+        load_npz_test_set(garbage, (28, 28, 1), 10)
     assert "\n" not in str(e.value)
 
 
@@ -358,19 +360,19 @@ def test_evaluation_files_for_multi_digit_labels(tmp_path):
     """SVHN's models score five digit positions: an evaluation file holds labels (N, 5) in [0, 11)."""
     images = np.zeros((3, 64, 64, 3), np.uint8)
     good = _npz(tmp_path / "numbers.npz", images=images, labels=np.array([[1, 9, 10, 10, 10]] * 3))
-    assert train.load_npz_test_set(good, (64, 64, 3), 11, (5,)).arrays["label"].shape == (3, 5)
+    assert load_npz_test_set(good, (64, 64, 3), 11, (5,)).arrays["label"].shape == (3, 5)
     flat = _npz(tmp_path / "flat.npz", images=images, labels=np.arange(3))
     with pytest.raises(ValueError, match=r"labels must have shape \(N, 5\), got \(3,\)"):
-        train.load_npz_test_set(flat, (64, 64, 3), 11, (5,))
+        load_npz_test_set(flat, (64, 64, 3), 11, (5,))
     eleven = _npz(tmp_path / "eleven.npz", images=images, labels=np.full((3, 5), 11))
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
-        train.load_npz_test_set(eleven, (64, 64, 3), 11, (5,))
+        load_npz_test_set(eleven, (64, 64, 3), 11, (5,))
 
 
 def test_evaluation_files_are_refused_where_the_objective_needs_more_than_labels(tmp_path):
     run = types.SimpleNamespace(setup=types.SimpleNamespace(objective=create_objective({"name": "triplet"})))
     with pytest.raises(ValueError, match="objective 'triplet' scores more than images and labels") as e:
-        train.npz_test_set(_npz(tmp_path / "mine.npz", images=IMAGES, labels=np.arange(4)), run)
+        evaluation.npz_test_set(_npz(tmp_path / "mine.npz", images=IMAGES, labels=np.arange(4)), run)
     assert "\n" not in str(e.value)
 
 
@@ -413,11 +415,11 @@ def test_a_corrupt_latest_checkpoint_is_skipped_saying_so(run_copy, source, capl
     data = run_copy / "checkpoints" / "12" / "default" / "ocdbt.process_0" / "d"
     biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
     biggest.write_bytes(b"garbage" * 10)
-    with caplog.at_level(logging.INFO, logger="stn_jax.paper.train"):
+    with caplog.at_level(logging.INFO, logger="stn_jax.paper"):
         result = train.train_and_evaluate(config(source, total_steps=16), run_copy)
     messages = [r.getMessage() for r in caplog.records]
     assert any("checkpoint 12" in m and "cannot be restored" in m for m in messages), messages
-    assert any("resumed from the checkpoint at step 8" in m for m in messages), messages
+    assert any("restored the checkpoint of step 8" in m for m in messages), messages
     assert np.isfinite(result["loss"])
     assert checkpoint_arrays(run_copy)[0] == 16
     assert train_rows(run_copy) == list(range(2, 17, 2))
@@ -429,9 +431,9 @@ def test_corrupt_latest_checkpoint_at_the_final_step_is_replaced(run_copy, sourc
     biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:100])  # truncated
     train.train_and_evaluate(config(source), run_copy)
-    c = train.resolve(config(source))
-    run = train.open_run(c, run_copy)
-    state = train.restore_latest(run, train.checkpoint_manager(run_copy, 3, create=False), run.setup.state)
+    c = resolve(config(source))
+    run = evaluation.open_run(c, run_copy)
+    state = checkpoints.restore_latest(run, checkpoints.checkpoint_manager(run_copy, 3, create=False), run.setup.state)
     assert int(state.step) == 12
     aside = list((run_copy / "unrestorable_checkpoints").iterdir())
     assert [p.name.split("-")[0] for p in aside] == ["12"]  # kept for inspection, out of orbax's way

@@ -208,7 +208,8 @@ def test_tiny_training_run(tiny_run):
 def test_evaluate_scores_own_house_numbers(tiny_run, tmp_path):
     """``--config.data.test_npz`` for a house-number model: images (N, 64, 64, 3), labels (N, 5) with 10 = no
     digit; checked like MNIST's (a label of 11 is refused in one line)."""
-    from stn_jax.paper import train
+    from stn_jax.paper import evaluation
+
     config, workdir, _ = tiny_run
     rng = np.random.default_rng(0)
     labels = np.full((6, 5), 10)
@@ -216,12 +217,12 @@ def test_evaluate_scores_own_house_numbers(tiny_run, tmp_path):
     np.savez(tmp_path / "numbers.npz", images=rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8), labels=labels)
     mine = config.copy_and_resolve_references()
     mine.data.test_npz = str(tmp_path / "numbers.npz")
-    result = train.evaluate_checkpoint(mine, workdir)
+    result = evaluation.evaluate_checkpoint(mine, workdir)
     assert 0.0 <= result["error"] <= 1.0 and np.isfinite(result["loss"])
     np.savez(tmp_path / "eleven.npz", images=np.zeros((2, 64, 64, 3), np.uint8), labels=np.full((2, 5), 11))
     mine.data.test_npz = str(tmp_path / "eleven.npz")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\) for this model"):
-        train.evaluate_checkpoint(mine, workdir)
+        evaluation.evaluate_checkpoint(mine, workdir)
 
 
 def test_relu_layers_start_with_he_initialisation():

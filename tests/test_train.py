@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from flax import nnx
 from configs import distorted_mnist
 from stn_jax.paper import train as train_lib, train_state
 from stn_jax.paper.config import resolve, trainer_defaults
+from stn_jax.paper.data.npz import load_npz_test_set
 from stn_jax.paper.models import MODELS
 
 ARG = "r,st_fcn,affine,tiny"
@@ -104,7 +106,7 @@ def test_evaluate_prints_the_result_line(trained, synthetic_mnist, tmp_path):
     assert error == pytest.approx(result["error"]) and loss == pytest.approx(result["loss"], rel=1e-5)
 
     # The same model scored on a user's own array file: 20 copies of one uint8 test digit labelled 3.
-    test = train_lib.load_npz_test_set  # the reader the flag uses
+    test = load_npz_test_set  # the reader the flag uses
     images = (np.random.default_rng(0).random((20, 28, 28)) * 255).astype(np.uint8)
     np.savez(tmp_path / "mine.npz", images=images, labels=np.full(20, 3))
     mine = test(tmp_path / "mine.npz", image_shape=(28, 28, 1), num_classes=10)
@@ -120,6 +122,37 @@ def test_evaluate_prints_the_result_line(trained, synthetic_mnist, tmp_path):
     assert out.stdout.strip().splitlines()[-1].startswith("test_error=")
 
 
+ABSL_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d", re.M)  # absl's prefix: I1207 23:01:04.541600 ...
+
+
+def assert_quiet(stderr: str) -> None:
+    """No library log lines (absl-formatted orbax INFO, JAX's backend probe) on a terminal."""
+    assert not ABSL_LINE.search(stderr) and "INFO" not in stderr and "backend" not in stderr, stderr[-3000:]
+
+
+def test_evaluate_from_the_workdir_alone_is_quiet(trained):
+    """``experiments.evaluate --workdir W`` without ``--config`` scores the run with its own config.json; the
+    terminal holds the result and the project's lines only; an override is announced; ``--verbosity`` brings the
+    libraries' INFO lines back."""
+    _, workdir, result = trained
+    out = python("-m", "experiments.evaluate", f"--workdir={workdir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    error, loss = (float(part.split("=")[1]) for part in out.stdout.strip().split())
+    assert error == pytest.approx(result["error"]) and loss == pytest.approx(result["loss"], rel=1e-5)
+    assert_quiet(out.stderr)
+    assert f"restored the checkpoint of step 40 from {workdir}/checkpoints" in out.stderr
+    out = python("-m", "experiments.evaluate", f"--workdir={workdir}", "--config.data.test_size=32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert_quiet(out.stderr)
+    assert ("warning: evaluating with a setting other than the run's config.json: data.test_size: 64 -> 32"
+            in out.stderr.splitlines())
+    loud = python("-m", "experiments.evaluate", f"--workdir={workdir}", "--verbosity=0")
+    assert loud.returncode == 0 and ABSL_LINE.search(loud.stderr), loud.stderr[-3000:]
+    missing = python("-m", "experiments.evaluate", f"--workdir={workdir / 'absent'}")
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines() == [
+        f"error: {workdir / 'absent'} has no config.json: pass the --workdir of a training run"]
+
+
 def test_evaluate_without_a_checkpoint_says_so(tmp_path, synthetic_mnist):
     out = python("-m", "experiments.evaluate", f"--config=configs/distorted_mnist.py:{ARG}",
                  f"--workdir={tmp_path}", f"--config.data.source={synthetic_mnist}")
@@ -131,13 +164,13 @@ def test_evaluate_without_a_checkpoint_says_so(tmp_path, synthetic_mnist):
 def test_npz_test_sets_are_checked(tmp_path):
     np.savez(tmp_path / "a.npz", images=np.zeros((3, 28, 28), np.float32), label=np.zeros(3))
     with pytest.raises(ValueError, match=r"must hold arrays 'images' and 'labels'; missing \['labels'\]"):
-        train_lib.load_npz_test_set(tmp_path / "a.npz")
+        load_npz_test_set(tmp_path / "a.npz")
     np.savez(tmp_path / "b.npz", images=np.full((3, 28, 28), 2.0, np.float32), labels=np.zeros(3))
     with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
-        train_lib.load_npz_test_set(tmp_path / "b.npz")
+        load_npz_test_set(tmp_path / "b.npz")
     np.savez(tmp_path / "c.npz", images=np.zeros((3, 28, 28), np.int64), labels=np.zeros(3))
     with pytest.raises(ValueError, match="must be uint8 or float"):
-        train_lib.load_npz_test_set(tmp_path / "c.npz")
+        load_npz_test_set(tmp_path / "c.npz")
 
 
 class Interrupt(Exception):
@@ -235,9 +268,15 @@ def _train_flags(workdir: Path, synthetic_mnist: str) -> list[str]:
 
 
 def test_four_devices_and_two_processes_match_one_device(tmp_path, synthetic_mnist):
-    """Data parallelism over 4 devices and over 2 processes (gloo) gives the single-device losses."""
+    """Data parallelism over 4 devices and over 2 processes (gloo) gives the single-device losses. The terminal of
+    a run is quiet: the resolved config, the project's progress lines, no library INFO lines."""
     one = python(*_train_flags(tmp_path / "one", synthetic_mnist))
     assert one.returncode == 0, one.stderr[-3000:]
+    assert_quiet(one.stderr)
+    assert "config (every default filled, widths solved):" in one.stderr and "\nparameters: " in one.stderr
+    assert "training st_fcn/affine on r, steps 0 -> 4 on 1 device\n" in one.stderr
+    recorded = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert recorded["model"]["options"]["width"] > 0  # solved, not left to the model
     four = python(*_train_flags(tmp_path / "four", synthetic_mnist),
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert four.returncode == 0, four.stderr[-3000:]

@@ -1,7 +1,9 @@
 """The train state and the one function that builds everything a run needs (`setup`).
 
 `setup(config)` returns a `Setup`: the data set, the model split into its
-graph and state, the objective, the optimiser and the initial `TrainState`.
+graph and state, the objective, the optimiser, the initial `TrainState`, what
+the model holds (`ModelInfo`: its parameters per group) and the config with the
+width the model solved from its parameter budget (`with_solved_width`).
 Training (`stn_jax.paper.train`), evaluation and the benchmarks all start
 from it, so they build the same model the same way.
 
@@ -25,11 +27,13 @@ uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx, struct
 
@@ -110,9 +114,50 @@ def learning_rates(opt: ml_collections.ConfigDict, groups: tuple[str, ...], step
             for g in groups}
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a model holds, counted on its variables (abstract ones too: `nnx.eval_shape`)."""
+
+    summary: str
+    """The architecture in one line (`stn_jax.paper.models.PaperModel.summary`; "" for a model without one)."""
+    width: int | None
+    """The classifier width it was given or solved from its parameter budget (None: it has no such width)."""
+    parameters: dict[str, int]
+    """Trainable parameters (scalars) of each group it has, in `GROUPS` order."""
+    other_variables: int
+    """Scalars of its variables that no optimiser updates: BatchNorm statistics, frozen weights."""
+
+
+def model_info(model: nnx.Module) -> ModelInfo:
+    """The `ModelInfo` of ``model``, its parameters grouped as the optimiser groups them (`param_labels`)."""
+    _, params, _, rest = split_model(model)
+    labels = param_labels(params, tuple(getattr(model, "backbone_attributes", ())))
+    sizes = dict.fromkeys(GROUPS, 0)
+    for label, leaf in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
+        sizes[label] += math.prod(np.shape(leaf))
+    other = sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(rest))
+    return ModelInfo(getattr(model, "summary", ""), getattr(model, "width", None),
+                     {g: n for g, n in sizes.items() if n}, other)
+
+
+def with_solved_width(config: ml_collections.ConfigDict, info: ModelInfo) -> ml_collections.ConfigDict:
+    """``config`` with ``model.options.width`` set to the width the model solved where the config left it
+    ``None`` (a copy; ``config`` itself is not changed)."""
+    options = config.model.options
+    if "width" not in options or options.width is not None or info.width is None:
+        return config
+    config = config.copy_and_resolve_references()
+    config.model.options.width = int(info.width)
+    return config
+
+
 @dataclasses.dataclass
 class Setup:
-    """A run's pieces. ``merge(state, train=...)`` gives the model in training or evaluation mode."""
+    """A run's pieces. ``merge(state, train=...)`` gives the model in training or evaluation mode.
+
+    ``config`` is the resolved config with the width the model solved (`with_solved_width`); ``info``
+    describes the model (`model_info`).
+    """
 
     config: ml_collections.ConfigDict
     dataset: Any
@@ -123,6 +168,7 @@ class Setup:
     tx: optax.GradientTransformation
     groups: tuple[str, ...]
     state: TrainState
+    info: ModelInfo
 
     def learning_rates(self, step: jax.Array) -> dict[str, jax.Array]:
         """``learning_rate`` (the ``main`` group) and ``learning_rate_<group>`` of the other groups present."""
@@ -156,17 +202,18 @@ def build(config: ml_collections.ConfigDict, image_shape, num_classes: int, data
     """Model, objective, optimiser and initial state of a resolved config (`stn_jax.paper.config.resolve`)
     for inputs of ``image_shape`` (per example) and ``num_classes``; the benchmarks use this directly."""
     model = create_model(config, image_shape, num_classes)
+    info = model_info(model)
+    config = with_solved_width(config, info)
     model.eval()
     graphdef_eval = nnx.graphdef(model)
     model.train()
     graphdef_train, params, rng_state, model_state = split_model(model)
     labels = param_labels(params, tuple(getattr(model, "backbone_attributes", ())))
-    groups = tuple(g for g in GROUPS if g in set(jax.tree.leaves(labels)))
     tx = make_optimizer(config.optimizer, labels)
     state = TrainState(step=jnp.int32(0), params=params, model_state=model_state, opt_state=tx.init(params),
                        first_nonfinite_step=jnp.int32(-1))
     return Setup(config, dataset, create_objective(config.objective), graphdef_train, graphdef_eval, rng_state, tx,
-                 groups, state)
+                 tuple(info.parameters), state, info)
 
 
 def setup(config: ml_collections.ConfigDict, *, cache_dir: str | None = None, process_index: int | None = None,

@@ -3,10 +3,8 @@
 Task ``cub`` ("CUB-200-2011", family ``cub``); `CubDataset` has the common
 data-set interface (`stn_jax.paper.data.tasks`).
 
-Tags: [P] the paper, [S] a second-hand report of its appendix, [R] the
-authors' public Caffe examples (daerduoCarey/SpatialTransformerLayer), [U] our
-assumption. See ``../shared/reference/paper.md`` 2.3 and
-``svhn-cub-coloc-notes.md`` 2.
+Provenance tags [P], [S], [R], [U]: `stn_jax.paper` (here [R] is the authors'
+public Caffe examples); the recipe is the paper's Sect. 4.3 and Appendix A.6.
 
 * **Sources** (``config.data.source``):
 

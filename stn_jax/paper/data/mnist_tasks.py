@@ -4,9 +4,7 @@ Each task is a distortion of MNIST digits (`stn_jax.paper.data.distortions`)
 plus its options; `stn_jax.paper.data.pipeline.MnistDataset` turns any of them
 into deterministic, sharded batches and a fixed, cached test set.
 
-Option tags (paper.md's): [P] the paper, [S] second-hand report of the
-appendix ("to verify"), [R] independent generators agree, [U] our assumption
-(the paper does not say).
+Options carry the provenance tags [P], [S], [R], [U] (defined in `stn_jax.paper`).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ transformer models:
     ST-CNN Single    3.7   3.9
     ST-CNN Multi     3.6   3.9
 
-Tags: [P] the paper, [S] second-hand report of its appendix A.5
-(../shared/reference/paper.md 2.2), [U] our assumption.
+Provenance tags [P], [S], [U] (`stn_jax.paper`): the paper's Sect. 4.2 and
+Appendix A.5.
 
 * Backbone [S]: conv[48,5,1,2] - max[2] - conv[64] - conv[128] - max[2] - conv[160]
   - conv[192] - max[2] - conv[192] - conv[192] - max[2] - conv[192] - fc[3072] -
