@@ -578,12 +578,13 @@ def picture_name(row: dict) -> str:
 def _pictures(rows: list[dict]) -> None:
     """The last transformer picture (inputs with sampling grids, outputs) of one ST run per config argument.
 
-    The first seed's run at the longest budget is shown; when its workdir is not here, the picture already
-    in docs/images is kept. CUB runs add their test birds with the crops (``*_crops.png``,
-    `experiments.cub_crops`). Co-localisation has its own figure (docs/coloc.md).
+    The first seed's run at the longest budget is shown (of several such runs, the newest row); when its
+    workdir is not here, the picture already in docs/images is kept. CUB runs add their test birds with the
+    crops (``*_crops.png``, `experiments.cub_crops`). Co-localisation has its own figure (docs/coloc.md).
     """
     shown = {}
-    for r in sorted(rows, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):
+    newest_first = list(reversed(rows))
+    for r in sorted(newest_first, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):  # a stable sort
         if r["transform"] and "localised" not in r:
             shown.setdefault(picture_name(r), r)
     kept = []

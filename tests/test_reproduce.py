@@ -309,3 +309,18 @@ def test_figures_of_runs_without_a_workdir_here_are_kept(tmp_path, monkeypatch, 
     reproduce._pictures([here])
     for name in ("results_curves_rts.png", "results_rts_st_cnn_tps.png"):
         assert (tmp_path / "images" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_picture_of_a_budget_run_twice_is_the_newest_runs(tmp_path, monkeypatch):
+    """Two runs of the same budget and seed (e.g. before and after a recipe change): the newer row's picture."""
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "IMAGES", tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    runs = []
+    for name, colour in (("old", (255, 0, 0)), ("new", (0, 0, 255))):
+        (tmp_path / name / "images").mkdir(parents=True)
+        Image.new("RGB", (4, 4), colour).save(tmp_path / name / "images" / "transformer_step2.png")
+        runs.append({**row("rts", "st_cnn", "tps", 0, 0.1), "workdir": name})
+    reproduce._pictures(runs)
+    with Image.open(tmp_path / "images" / "results_rts_st_cnn_tps.png") as im:
+        assert im.getpixel((0, 0)) == (0, 0, 255)
