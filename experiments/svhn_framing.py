@@ -26,6 +26,7 @@ import numpy as np
 from absl import flags
 
 from experiments.cli import run
+from experiments.figures import save_small_png
 
 flags.DEFINE_string("source", None, "SVHN format-1 folder (or the split's folder or archive).")
 flags.DEFINE_string("split", "train", "Split of --source whose numbers are measured.")
@@ -110,7 +111,6 @@ def draw(sources: dict[str, dict[int, list[dict[str, float]]]], out: Path) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     colours = dict(zip(sources, ("tab:blue", "tab:orange")))
     fig, axes = plt.subplots(len(SIZES), len(STATISTICS) + 1, figsize=(10, 4.4), squeeze=False)
@@ -136,13 +136,7 @@ def draw(sources: dict[str, dict[int, list[dict[str, float]]]], out: Path) -> Pa
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("real SVHN crops against synthetic numbers (fractions of the crop's side)", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=72)
-    plt.close(fig)
-    with Image.open(out) as im:
-        small = im.convert("RGB").quantize(colors=64)
-    small.save(out, optimize=True)
-    return out
+    return save_small_png(fig, out)
 
 
 def main(argv) -> None:
