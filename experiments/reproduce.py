@@ -9,6 +9,8 @@
         --steps 113 --batch_size 8 --decays 1 --evals 1 --set data.classes=1-30 optimizer.learning_rate=0.01
     python -m experiments.reproduce svhn --source ../shared/data/mnist --steps 1500 --batch_size 32 --decays 1 \
         --set model.options.width_multiplier=0.125       # the synthetic SVHN study (docs/results.md)
+    python -m experiments.reproduce coloc --source ../shared/data/mnist --steps 300 --batch_size 100 --seeds 3 \
+        --workroot workdirs/coloc                         # its encoder first (workdirs/coloc/coloc_encoder)
 
 Each run is ``python -m experiments.train`` with the study's config, the seed,
 and overrides only for the data source, the budget (``total_steps``,
@@ -16,8 +18,13 @@ and overrides only for the data source, the budget (``total_steps``,
 what ``--set`` names (e.g. a width multiplier), in ``<workroot>/<run name>``; a run interrupted half-way
 resumes from its checkpoint when the study is started again, and finished runs
 (a row with the same config, seed, budget, source and overrides in the results
-file) are skipped. Each finished run appends one JSON row to ``results/runs.jsonl``
-(committed: a study can go on across sessions); the tables in
+file) are skipped. A cell may need a prerequisite run (`Prerequisite`:
+co-localisation's encoder, ``configs/colocalisation.py:encoder``): when
+``<workroot>/<its name>`` holds no finished run, it is trained first with its
+own config's budget, and every such cell gets its workdir as an override
+(its final evaluation joins the cell's row). Each finished run appends one
+JSON row to ``results/runs.jsonl`` (committed: a study can go on across
+sessions); the tables in
 ``docs/results.md`` and the pictures in ``docs/images/results_*`` are
 regenerated from those rows and the runs' workdirs, never typed by hand.
 """
@@ -74,6 +81,25 @@ def task_title(task: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prerequisite:
+    """A run that cells read (e.g. co-localisation's encoder): trained once per workroot, before the first cell
+    that needs it, with its config's own budget (only ``--source`` is passed on), in ``<workroot>/<name>``;
+    every such cell gets ``--config.<option>=<that workdir>``."""
+
+    config: str
+    arg: str
+    name: str
+    option: str
+
+    def workdir(self, args) -> Path:
+        """Its workdir, relative to the project root."""
+        return Path(relative_to_root(args.workroot)) / self.name
+
+
+COLOC_ENCODER = Prerequisite("colocalisation", "encoder", "coloc_encoder", "model.options.encoder")
+
+
+@dataclasses.dataclass(frozen=True)
 class Cell:
     """One table cell: a config file with its argument; ``seeds`` runs of it."""
 
@@ -85,6 +111,7 @@ class Cell:
     variant: str = ""  # the config argument when the task/model/transform do not spell it (co-localisation "t,8")
     module: str = TRAIN  # the program that runs it (PROBE: the CUB anchor)
     head_from_probe: bool = False  # start the classifier from the study's linear probe (model.options.head_init)
+    needs: Prerequisite | None = None  # a run it reads, trained first when its workdir holds no finished run
 
     @property
     def arg(self) -> str:
@@ -117,9 +144,10 @@ def _addition(seeds: int) -> list[Cell]:
 
 
 def _coloc(seeds: int) -> list[Cell]:
-    """Co-localisation (Appendix A.2): every digit class, T and TC (docs/coloc.md); run with --batch_size 100."""
-    return [Cell("colocalisation", "coloc_set", "coloc_st", "attention", seeds, f"{variant},{digit}")
-            for variant in ("t", "tc") for digit in range(10)]
+    """Co-localisation (Appendix A.2): every digit class, T and TC (docs/coloc.md); run with --batch_size 100.
+    Every cell reads the encoder's run (`COLOC_ENCODER`), trained first when it is missing."""
+    return [Cell("colocalisation", "coloc_set", "coloc_st", "attention", seeds, f"{variant},{digit}",
+                 needs=COLOC_ENCODER) for variant in ("t", "tc") for digit in range(10)]
 
 
 def _svhn(seeds: int) -> list[Cell]:
@@ -155,13 +183,17 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def cell_overrides(cell: Cell, cells: list[Cell], args, overrides: dict[str, str]) -> dict[str, str]:
     """The study's ``overrides``, plus, for a cell that starts from the linear probe, the probe run's
-    ``head.npz`` (the study's probe cell of the same backbone, trained with the same overrides)."""
-    if not cell.head_from_probe:
-        return overrides
-    backbone = cell.arg.split(",")[0]
-    probe = next(c for c in cells if c.module == PROBE and c.arg.split(",")[0] == backbone)
-    head = Path(relative_to_root(args.workroot)) / run_name(probe, 0, args.steps, args.batch_size, overrides)
-    return dict(sorted({**overrides, "model.options.head_init": str(head / "head.npz")}.items()))
+    ``head.npz`` (the study's probe cell of the same backbone, trained with the same overrides), and for a
+    cell that needs a prerequisite run, that run's workdir."""
+    out = dict(overrides)
+    if cell.head_from_probe:
+        backbone = cell.arg.split(",")[0]
+        probe = next(c for c in cells if c.module == PROBE and c.arg.split(",")[0] == backbone)
+        head = Path(relative_to_root(args.workroot)) / run_name(probe, 0, args.steps, args.batch_size, overrides)
+        out["model.options.head_init"] = str(head / "head.npz")
+    if cell.needs is not None:
+        out[cell.needs.option] = str(cell.needs.workdir(args))
+    return dict(sorted(out.items()))
 
 
 def budget_overrides(steps: int, decays: int, extra: dict[str, str]) -> dict[str, str]:
@@ -185,7 +217,9 @@ def run_name(cell: Cell, seed: int, steps: int, batch_size: int, overrides: dict
             f"_b{batch_size}_n{steps}{digest}")
 
 
-def read_rows(path: Path = RESULTS) -> list[dict]:
+def read_rows(path: Path | None = None) -> list[dict]:
+    """The rows of ``path`` (default: `RESULTS`, looked up at the call)."""
+    path = RESULTS if path is None else path
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -224,6 +258,31 @@ def relative_to_root(path: str) -> str:
     return path if path == "tfds" else os.path.relpath(Path(path).absolute(), ROOT)
 
 
+def finished(workdir: Path) -> bool:
+    """Whether ``workdir`` (relative to the project root) holds a finished training run: its ``config.json``
+    and a checkpoint at the config's ``total_steps``."""
+    config = ROOT / workdir / "config.json"
+    if not config.is_file():
+        return False
+    steps = json.loads(config.read_text())["total_steps"]
+    return (ROOT / workdir / "checkpoints" / str(steps)).is_dir()
+
+
+def run_prerequisite(needs: Prerequisite, args) -> None:
+    """Trains (or resumes) the prerequisite run unless its workdir holds a finished one."""
+    workdir = needs.workdir(args)
+    if finished(workdir):
+        return
+    command = [sys.executable, "-m", TRAIN, f"--config=configs/{needs.config}.py:{needs.arg}",
+               f"--workdir={workdir}", f"--config.data.source={relative_to_root(args.source)}",
+               f"--config.data.cache_dir={Path(relative_to_root(args.workroot)) / 'data_cache'}"]
+    print(f"[reproduce] prerequisite: {' '.join(command[1:])}", flush=True)
+    out = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True)
+    if out.returncode != 0 or not finished(workdir):
+        raise RuntimeError(f"prerequisite run {workdir} failed with exit code {out.returncode}")
+    print(f"[reproduce] prerequisite {workdir}: {out.stdout.strip().splitlines()[-1]}", flush=True)
+
+
 def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
     """Trains one run (resuming if its workdir has a checkpoint) and returns its result row."""
     workroot, source = Path(relative_to_root(args.workroot)), relative_to_root(args.source)
@@ -252,6 +311,8 @@ def run_cell(cell: Cell, seed: int, args, overrides: dict[str, str]) -> dict:
     resolved = json.loads((ROOT / workdir / "config.json").read_text())  # what the run used, defaults included
     if resolved["model"]["name"] in CUB_TRANSFORMER_MODELS:
         result["crops"] = measure_crops(workdir)
+    if cell.needs is not None:  # the prerequisite's workdir and final evaluation (e.g. the encoder's test error)
+        result["prerequisite"] = dict(workdir=str(cell.needs.workdir(args)), **final_eval(cell.needs.workdir(args)))
     return dict(config=cell.config, arg=cell.arg, task=cell.task, model=cell.model, transform=cell.transform,
                 seed=seed, steps=args.steps, batch_size=args.batch_size, source=_source_kind(args.source),
                 **({"overrides": overrides} if overrides else {}), **result, optimizer=resolved["optimizer"],
@@ -330,8 +391,11 @@ def coloc_table(rows: list[dict]) -> str:
                     cells.append("–" if not rs or None in values else fmt.format(float(np.mean(values))))
                 out.append(f"| {variant.upper()} | {label} | " + " | ".join(cells) + f" | {paper if i == 0 else ''} |")
         wall = [r["wall_time_s"] for r in runs]
+        encoders = sorted({(r["prerequisite"]["workdir"], r["prerequisite"]["error"]) for r in runs
+                           if "prerequisite" in r})
+        encoder_text = "".join(f" Encoder {w}: test error {100 * e:.2f} %." for w, e in encoders)
         out.append(f"\n{len(runs)} runs; wall time per run {min(wall):.0f}-{max(wall):.0f} s on {runs[0]['machine']}; "
-                   f"seeds {sorted({r['seed'] for r in runs})}.\n")
+                   f"seeds {sorted({r['seed'] for r in runs})}.{encoder_text}\n")
         out.append("<details><summary>Every run</summary>\n")
         out.append("| run | seed | localised % | mean IoU | final s | centre error px | commit | wall s | command |")
         out.append("|---|---|---|---|---|---|---|---|---|")
@@ -578,12 +642,13 @@ def picture_name(row: dict) -> str:
 def _pictures(rows: list[dict]) -> None:
     """The last transformer picture (inputs with sampling grids, outputs) of one ST run per config argument.
 
-    The first seed's run at the longest budget is shown; when its workdir is not here, the picture already
-    in docs/images is kept. CUB runs add their test birds with the crops (``*_crops.png``,
-    `experiments.cub_crops`). Co-localisation has its own figure (docs/coloc.md).
+    The first seed's run at the longest budget is shown (of several such runs, the newest row); when its
+    workdir is not here, the picture already in docs/images is kept. CUB runs add their test birds with the
+    crops (``*_crops.png``, `experiments.cub_crops`). Co-localisation has its own figure (docs/coloc.md).
     """
     shown = {}
-    for r in sorted(rows, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):
+    newest_first = list(reversed(rows))
+    for r in sorted(newest_first, key=lambda r: (-r["steps"] * r["batch_size"], r["seed"])):  # a stable sort
         if r["transform"] and "localised" not in r:
             shown.setdefault(picture_name(r), r)
     kept = []
@@ -663,6 +728,11 @@ def main(argv: list[str] | None = None) -> None:
             for cell in STUDIES[study](args.seeds) if seed < cell.seeds
             and (not models or cell.model in models or (cell.module == PROBE and any(
                 c.head_from_probe and c.model in models for c in STUDIES[study](args.seeds))))]
+    # A cell that needs a prerequisite run (co-localisation's encoder) has it trained first, when missing.
+    for needs in dict.fromkeys(cell.needs for _, cell, _ in plan if cell.needs is not None):
+        if args.dry_run:
+            print(f"{'done' if finished(needs.workdir(args)) else 'todo'}  prerequisite {needs.config}:{needs.arg} "
+                  f"-> {needs.workdir(args)}")
     for study, cell, seed in plan:
         overrides_here = cell_overrides(cell, STUDIES[study](args.seeds), args, overrides)
         done = _done(read_rows(), cell, seed, args.steps, args.batch_size, args.source, overrides_here)
@@ -672,6 +742,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if done:
             continue
+        if cell.needs is not None:
+            run_prerequisite(cell.needs, args)
         row = run_cell(cell, seed, args, overrides_here)
         RESULTS.parent.mkdir(exist_ok=True)
         with RESULTS.open("a") as f:

@@ -26,6 +26,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from experiments.figures import save_small_png
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:args]).", lock_config=False,
                                 accept_new_attributes=True)  # data keys are checked by the task registry
 flags.DEFINE_string("out", None, "PNG file to write.")
@@ -102,14 +104,7 @@ def render(batch: dict, task: str, rows: int, cols: int, title: str, out: Path, 
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=0.8))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97), pad=0.2, h_pad=0.2, w_pad=0.1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=72)
-    plt.close(fig)
-    from PIL import Image  # a 64-colour palette: the pictures stay small in the repository
-
-    with Image.open(out) as im:
-        small = im.convert("RGB").quantize(colors=64)
-    small.save(out, optimize=True)
+    save_small_png(fig, out)
 
 
 def real_house_numbers(source: str, out: Path, count: int) -> Path:

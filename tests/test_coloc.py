@@ -1,9 +1,11 @@
-"""Co-localisation (paper Appendix A.2): the triplet loss, IoU, the fixed image set, the frozen encoder, a tiny run."""
+"""Co-localisation (paper Appendix A.2): the triplet loss, IoU, the fixed image set, the encoder's run, the crop's
+range, the localisation network's coverage, a tiny run."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from stn_jax.layers import LocalisationParam
+from stn_jax.layers import Bound, LocalisationParam
 from stn_jax.paper import coloc as C, models
 from stn_jax.paper.data import make_dataset
-from stn_jax.paper.models.coloc import Frozen, FrozenCNN
+from stn_jax.paper.models.coloc import ColocLocalisation, Frozen, FrozenCNN, read_encoder
 from stn_jax.paper.objectives import create_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,15 +181,20 @@ def test_fixed_image_set(synthetic_mnist, tmp_path):
 
 
 def test_config_arguments():
+    from stn_jax.paper.config import resolve
+
     cfg = _config_module()
     c = cfg.get_config("tc,3")
     assert c.data.num_clutter == 16 and c.data.digit_class == 3 and c.objective.name == "triplet"
     assert cfg.get_config("t").data.digit_class == 8 and cfg.get_config("t").data.num_clutter == 0
     assert cfg.get_config("t,tiny").total_steps < 100
-    c.data.source = "/some/mnist"  # what --config.data.source=... does: the automatic encoder follows
-    assert c.model.options.encoder_source == "/some/mnist"
-    assert c.to_dict()["model"]["options"]["encoder_source"] == "/some/mnist"
-    for bad in ("x", "t,11", "t,3,4"):
+    assert c.model.options.encoder == cfg.ENCODER_WORKDIR == "workdirs/coloc_encoder"  # the encoder run's workdir
+    # The encoder is a run of its own: the Sect. 4.1 CNN on upright MNIST (R without rotation).
+    e = resolve(cfg.get_config("encoder"))
+    assert (e.model.name, e.data.task, e.data.max_angle, e.objective.name) == ("cnn", "r", 0.0, "classification")
+    assert e.total_steps == 3000 and e.data.test_size == 10_000
+    assert cfg.get_config("encoder,tiny").total_steps < 100
+    for bad in ("x", "t,11", "t,3,4", "encoder,3"):
         with pytest.raises(ValueError):
             cfg.get_config(bad)
 
@@ -199,21 +206,22 @@ def test_config_arguments():
 
 @pytest.fixture(scope="module")
 def encoder_run(synthetic_mnist, tmp_path_factory) -> Path:
-    """A tiny distorted-MNIST CNN run (width 4, 3 steps): the automatic encoder path, cached."""
-    cache = tmp_path_factory.mktemp("coloc_cache")
-    first = C.ensure_encoder(synthetic_mnist, cache, steps=3, batch_size=8, width=4, test_size=32)
-    assert first.parent == cache and first.name.startswith("coloc_encoder_")
-    return first
+    """A tiny run of the encoder's config (``configs/colocalisation.py:encoder,tiny``: width 4, 3 steps)."""
+    from stn_jax.paper import train
+
+    c = _config_module().get_config("encoder,tiny")
+    c.data.source = synthetic_mnist
+    c.total_steps = c.eval_every = c.checkpoint_every = 3
+    c.batch_size, c.data.test_size = 8, 32
+    workdir = tmp_path_factory.mktemp("coloc") / "encoder"
+    train.train_and_evaluate(c, workdir)
+    return workdir
 
 
-def test_encoder_cached_and_loaded(encoder_run, synthetic_mnist, caplog):
-    import logging
-
-    with caplog.at_level(logging.INFO):
-        again = C.ensure_encoder(synthetic_mnist, encoder_run.parent, steps=3, batch_size=8, width=4, test_size=32)
-    assert again == encoder_run and "using the cached run" in caplog.text
-    w = C.load_encoder(encoder_run)
+def test_encoder_read_from_its_run(encoder_run):
+    w = read_encoder(encoder_run)
     assert w["input_shape"] == (28, 28, 1) and w["conv1"][0].shape == (9, 9, 1, 4) and w["step"] == 3
+    assert (w["model"], w["task"]) == ("cnn", "r")
     # The frozen encoder computes the classifier's logits exactly, and its descriptor holds both hidden layers.
     from stn_jax.paper.config import resolve
     from stn_jax.paper.train_state import build
@@ -227,8 +235,55 @@ def test_encoder_cached_and_loaded(encoder_run, synthetic_mnist, caplog):
     enc = FrozenCNN((28, 28, 1), w)
     np.testing.assert_allclose(np.asarray(enc.logits(x)), np.asarray(cnn(x)), rtol=1e-5, atol=1e-5)
     assert enc(x).shape == (2, 10 * 10 * 4 + 2 * 2 * 4 + 10)
-    with pytest.raises(FileNotFoundError, match="not a training run"):
-        C.load_encoder(encoder_run / "nothing")
+
+
+def test_a_missing_or_unfinished_encoder_stops_in_one_line_naming_path_and_command(encoder_run, tmp_path):
+    command = "python -m experiments.train --config configs/colocalisation.py:encoder --workdir"
+    missing = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError) as info:
+        read_encoder(missing)
+    message = str(info.value)
+    assert "\n" not in message and str(missing) in message and f"{command} {missing}" in message
+    # The model's preflight (before any data is made) says the same.
+    assert "does not exist" in message
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.preflight("coloc_st", {"encoder": str(missing)})
+    with pytest.raises(FileNotFoundError, match="is not a training run's workdir"):
+        read_encoder(tmp_path)
+    with pytest.raises(ValueError, match="encoder is not set"):
+        models.preflight("coloc_st", {"encoder": ""})
+    # A run that has not reached its last step is not used.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(encoder_run, unfinished)
+    config = json.loads((unfinished / "config.json").read_text())
+    (unfinished / "config.json").write_text(json.dumps(dict(config, total_steps=5)))
+    with pytest.raises(FileNotFoundError) as info:
+        read_encoder(unfinished)
+    message = str(info.value)
+    assert "\n" not in message and "has not finished (checkpoints at steps [3] of 5" in message
+    assert f"{command} {unfinished}" in message
+
+
+def test_the_command_line_names_the_missing_encoder(synthetic_mnist, tmp_path):
+    """`experiments.train` of a co-localisation config without its encoder: one line, exit status 1."""
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/colocalisation.py:t,tiny",
+                          f"--workdir={tmp_path / 'run'}", f"--config.data.source={synthetic_mnist}",
+                          f"--config.model.options.encoder={tmp_path / 'no_encoder'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if "no_encoder" in line]
+    assert len(lines) == 1 and "configs/colocalisation.py:encoder" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_importing_registries_imports_no_model_and_no_trainer():
+    """The data task and the objective register with their registries; the model imports no trainer (no cycle)."""
+    code = ("import sys; import stn_jax.paper.objectives as o, stn_jax.paper.data as d; "
+            "assert 'triplet' in o.OBJECTIVES and 'coloc_set' in d.TASKS; "
+            "assert not any(m.startswith('stn_jax.paper.models') for m in sys.modules), 'models imported'; "
+            "import stn_jax.paper.models as m; assert 'coloc_st' in m.MODELS; "
+            "assert not {'stn_jax.paper.train', 'stn_jax.paper.train_state'} & set(sys.modules), 'trainer imported'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def _tiny_config(source: str, encoder: Path, steps: int) -> ml_collections.ConfigDict:
@@ -267,7 +322,7 @@ def test_tiny_run_encoder_frozen_and_resume(encoder_run, synthetic_mnist, tmp_pa
     assert int(state.step) == 4
     for a, b in zip(_frozen(s.state), _frozen(state), strict=True):
         np.testing.assert_array_equal(a, b)
-    w = C.load_encoder(encoder_run)
+    w = read_encoder(encoder_run)
     np.testing.assert_array_equal(np.asarray(frozen_vars["layers"][1]["conv1_kernel"].get_value()), w["conv1"][0])
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s.state.params["loc"]),
                                                        jax.tree.leaves(state.params["loc"]))]
@@ -301,11 +356,77 @@ def test_model_options_and_parameter_count(encoder_run):
     desc, aux = m(x, return_aux=True)
     np.testing.assert_allclose(np.asarray(aux["theta"][0]), [[0.4, 0, 0]] * 2, atol=1e-6)  # the initial crop
     assert aux["warped"][0].shape == (2, 28, 28, 1) and desc.shape == (2, 426)
-    # Trainable: the localisation network only (the paper's list of layers: about 6k parameters).
+    # Trainable: the localisation network only, the paper's list of layers on 11x11x8 = 968 features:
+    # conv 9*9*8 + 8, FC 968*8 + 8, FC 8*8 + 8, FC 8*3 + 3.
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
-    assert n_train == sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, LocalisationParam))) == 5947
+    n_loc = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, LocalisationParam)))
+    assert n_train == n_loc == 656 + 7752 + 72 + 27 == 8507
     abstract = models.abstract_model("coloc_st", "attention", (84, 84, 1), 10)  # shapes only: no encoder needed
     assert "shapes only" in abstract.summary
     with pytest.raises(ValueError, match="output_size"):
         models.create_model("coloc_st", input_shape=(84, 84, 1), num_classes=10, rngs=nnx.Rngs(0),
                             encoder=str(encoder_run), output_size=20)
+
+
+# ----------------------------------------------------------------------------
+# The crop's range and the localisation network's coverage.
+# ----------------------------------------------------------------------------
+
+
+def _one_sgd_step(st, x, target, lr):
+    """One SGD step on the localisation network of ``st`` for ``mean |theta - target|^2``; theta before and after."""
+    graphdef, params, rest = nnx.split(st, LocalisationParam, ...)
+
+    def loss(p):
+        theta = nnx.merge(graphdef, p, rest).localise(x)
+        return jnp.mean(jnp.sum((theta - target) ** 2, -1)), theta
+
+    grads, before = jax.grad(loss, has_aux=True)(params)
+    after = loss(jax.tree.map(lambda p, g: p - lr * g, params, grads))[1]
+    return np.asarray(before), np.asarray(after), grads
+
+
+def test_a_crop_pushed_beyond_its_bound_comes_back_when_the_loss_asks():
+    from stn_jax.layers import SpatialTransformer
+    from stn_jax.paper.models.coloc import ColocBound
+
+    st = SpatialTransformer((20, 20, 1), "attention", output_size=(8, 8), rngs=nnx.Rngs(0),
+                            localisation=ColocLocalisation((20, 20, 1), rngs=nnx.Rngs(0)),
+                            bound=ColocBound((0.1, 1.2), 0.67))
+    # Black images: the localisation features are 0, so theta is the bound applied to the head's bias.
+    x = jnp.zeros((2, 20, 20, 1))
+    st.head.linear.bias.set_value(jnp.array([1.25, 0.75, -0.75]))      # beyond s <= 1.2 and |t| <= 0.67
+    inside = jnp.array([0.5, 0.0, 0.0])
+    before, after, _ = _one_sgd_step(st, x, inside, lr=0.1)
+    np.testing.assert_allclose(before, [[1.2, 0.67, -0.67]] * 2, atol=1e-6)  # the forward pass clips
+    # One step: d loss / d theta = 2 (theta - inside) passes straight to the bias: 1.25 - 0.1 * 1.4, 0.75 - 0.134.
+    np.testing.assert_allclose(after, [[1.11, 0.616, -0.616]] * 2, atol=1e-5)
+    assert (after[:, 0] < 1.2).all() and (np.abs(after[:, 1:]) < 0.67).all()
+    # A loss that pushes further out moves nothing: the raw output does not drift beyond the bound.
+    outside = jnp.array([1.5, 0.9, -0.9])
+    before, after, grads = _one_sgd_step(st, x, outside, lr=0.1)
+    np.testing.assert_array_equal(after, before)
+    assert not any(np.any(g) for g in jax.tree.leaves(grads))
+    # A sigmoid / tanh range (`stn_jax.layers.Bound`) at the same place (raw 10: s, t within 1e-4 of the bound)
+    # passes almost no gradient: its crop stays where it is.
+    raw = jnp.array([10.0, 10.0, -10.0])
+    squash = lambda r: Bound((0.1, 1.2), 0.67).apply(r, "attention")
+    old = jax.grad(lambda r: jnp.sum((squash(r) - inside) ** 2))(raw)
+    new = jax.grad(lambda r: jnp.sum((ColocBound((0.1, 1.2), 0.67).apply(r, "attention") - inside) ** 2))(raw)
+    np.testing.assert_allclose(np.asarray(new), [1.4, 1.34, -1.34], rtol=1e-5)
+    assert np.abs(np.asarray(old)).max() < 1e-4 * np.abs(np.asarray(new)).min()
+    # translation -1 keeps the crop inside the image: |t| <= 1 - s.
+    theta = ColocBound((0.1, 1.2), -1.0).apply(jnp.array([0.5, 0.9, -0.2]), "attention")
+    np.testing.assert_allclose(np.asarray(theta), [0.5, 0.5, -0.2], atol=1e-6)
+
+
+def test_the_localisation_network_sees_every_input_pixel():
+    body = ColocLocalisation((84, 84, 1), rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (4, 84, 84, 1))
+    assert body.conv(x).shape == (4, 21, 21, 8) and body(x).shape == (4, 8)  # 11 x 11 x 8 = 968 FC inputs
+    assert body.fcs[0].in_features == 968
+    grad = np.abs(np.asarray(jax.grad(lambda x: body(x).sum())(x))).sum((0, 3))  # (84, 84)
+    assert grad[83].sum() > 0 and grad[:, 83].sum() > 0 and grad[83, 83] > 0  # the last row, column, pixel
+    assert (grad.sum(1) > 0).all() and (grad.sum(0) > 0).all()  # every row and column
+    with pytest.raises(ValueError, match="stride 5 must be between 1 and kernel_size 4"):
+        ColocLocalisation((84, 84, 1), kernel_size=4, stride=5, rngs=nnx.Rngs(0))

@@ -259,6 +259,57 @@ def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp
         reproduce.final_eval(run)
 
 
+def test_coloc_study_trains_its_encoder_first_and_passes_its_workdir_to_every_cell(tmp_path, monkeypatch, capsys):
+    """The encoder (``configs/colocalisation.py:encoder``) runs once, before the first cell, when its workdir holds
+    no finished run; every cell gets ``model.options.encoder=<that workdir>``; a second start trains nothing."""
+    import subprocess
+
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "RESULTS", tmp_path / "runs.jsonl")
+    monkeypatch.setattr(reproduce, "write_page", lambda rows: None)
+    monkeypatch.chdir(tmp_path)
+    encoder = tmp_path / "runs" / "coloc_encoder"
+    events = []
+
+    def fake_train(command, **kwargs):  # the encoder's run: config.json and its final checkpoint
+        events.append(("encoder", command[3:]))
+        (encoder / "checkpoints" / "7").mkdir(parents=True)
+        (encoder / "config.json").write_text(json.dumps({"total_steps": 7}))
+        (encoder / "metrics.jsonl").write_text('{"step": 7, "test_error": 0.011, "test_loss": 0.04}\n')
+        return subprocess.CompletedProcess(command, 0, stdout="test_error=0.011 test_loss=0.04\n")
+
+    def fake_cell(cell, seed, args, overrides):
+        events.append(("cell", cell.arg, overrides))
+        return dict(config=cell.config, arg=cell.arg, seed=seed, steps=args.steps, batch_size=args.batch_size,
+                    source="idx", overrides=overrides, localised=0.5, mean_iou=0.4, wall_time_s=1.0)
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_train)
+    monkeypatch.setattr(reproduce, "run_cell", fake_cell)
+    study = ["coloc", "--source", "mnist", "--steps", "300", "--batch_size", "100", "--seeds", "1",
+             "--workroot", "runs"]
+    reproduce.main([*study, "--dry_run"])
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "todo  prerequisite colocalisation:encoder -> runs/coloc_encoder", "todo  coloc     colocalisation:t,0 seed 0"]
+    reproduce.main(study)
+    assert events[0] == ("encoder", ["--config=configs/colocalisation.py:encoder", "--workdir=runs/coloc_encoder",
+                                     "--config.data.source=mnist", "--config.data.cache_dir=runs/data_cache"])
+    cells = events[1:]
+    assert len(cells) == 20 and all(e[0] == "cell" for e in cells)  # 10 classes x T, TC; the encoder once
+    assert all(e[2] == {"model.options.encoder": "runs/coloc_encoder"} for e in cells)
+    events.clear()
+    reproduce.main(study)  # everything done: nothing runs
+    assert events == []
+    reproduce.main([*study, "--dry_run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-21] == "done  prerequisite colocalisation:encoder -> runs/coloc_encoder"
+    assert all(line.startswith("done  coloc") for line in lines[-20:])
+    # A row of such a cell records the encoder's final evaluation; the table's footer states its error.
+    r = {**row("coloc_set", "coloc_st", "attention", 0, 0.0, steps=300, batch_size=100, config="colocalisation"),
+         "arg": "t,8", "localised": 1.0, "mean_iou": 0.7,
+         "prerequisite": {"workdir": "runs/coloc_encoder", "error": 0.011, "loss": 0.04}}
+    assert "Encoder runs/coloc_encoder: test error 1.10 %." in reproduce.coloc_table([r])
+
+
 def test_rows_record_the_code_commit(tmp_path, monkeypatch):
     import re
 
@@ -317,3 +368,18 @@ def test_figures_of_runs_without_a_workdir_here_are_kept(tmp_path, monkeypatch, 
     reproduce._pictures([here])
     for name in ("results_curves_rts.png", "results_rts_st_cnn_tps.png"):
         assert (tmp_path / "images" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_picture_of_a_budget_run_twice_is_the_newest_runs(tmp_path, monkeypatch):
+    """Two runs of the same budget and seed (e.g. before and after a recipe change): the newer row's picture."""
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    monkeypatch.setattr(reproduce, "IMAGES", tmp_path / "images")
+    (tmp_path / "images").mkdir()
+    runs = []
+    for name, colour in (("old", (255, 0, 0)), ("new", (0, 0, 255))):
+        (tmp_path / name / "images").mkdir(parents=True)
+        Image.new("RGB", (4, 4), colour).save(tmp_path / name / "images" / "transformer_step2.png")
+        runs.append({**row("rts", "st_cnn", "tps", 0, 0.1), "workdir": name})
+    reproduce._pictures(runs)
+    with Image.open(tmp_path / "images" / "results_rts_st_cnn_tps.png") as im:
+        assert im.getpixel((0, 0)) == (0, 0, 255)

@@ -12,15 +12,18 @@ import gzip
 import json
 import logging
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import shared_path
+from conftest import ROOT, shared_path, synthetic_digits
 from PIL import Image
 
+from experiments import cli
 from stn_jax.paper.data import svhn
 from stn_jax.paper.data.files import CacheBuildInterrupted
 
@@ -308,6 +311,56 @@ def test_a_truncated_image_is_named(source, tmp_path):
     assert not list((tmp_path / "cache").iterdir())  # no partial cache
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_a_bad_png_stops_the_build_in_one_line_naming_it(source, tmp_path, capfd, damage, workers):
+    """A PNG cut in half, or a file of other bytes under a PNG's name, ends the command in one line naming the
+    file, also when the crops are made in worker processes (no worker traceback)."""
+    path = source / "train" / "3.png"
+    if damage == "truncated":
+        truncate(path)
+    else:
+        path.write_bytes(b"<html><body>404 Not Found</body></html>\n")
+
+    def build(argv):
+        svhn.split_cache(source, "train", tmp_path / "cache", 64, num_workers=workers)
+
+    with pytest.raises(SystemExit) as stop:
+        cli._reporting(build)([])
+    message = str(stop.value.code)
+    assert message.startswith(f"error: SVHN image {path} is truncated or unreadable (") and "\n" not in message
+    if damage == "not an image":
+        assert "(not an image file)" in message
+    assert "Traceback" not in capfd.readouterr().err
+    assert not list((tmp_path / "cache").iterdir())  # no partial cache
+
+
+@pytest.mark.parametrize("box,problem", [
+    ((9, 60, 9, 10, 16), "lies entirely outside the 48x36 image"),
+    ((9, 20, 9, 0, 16), "has zero or negative width or height"),
+    ((10, 20, 9, 10, -16), "has zero or negative width or height"),
+])
+def test_a_bad_box_is_refused_naming_the_image_and_the_box(tmp_path, box, problem):
+    """Boxes that cannot be cropped stop the build: the line names the image and the box (label 10 is the
+    digit 0). Boxes partly outside the image, as 5.png's in `ENTRIES`, build (`test_cache_build_skip_reuse_rebuild`)."""
+    entries = [("1.png", [(1, 10, 8, 9, 16), box]), *ENTRIES[1:]]
+    make_split(tmp_path / "svhn" / "train", entries)
+    with pytest.raises(svhn.SvhnFormatError) as error:
+        svhn.split_cache(tmp_path / "svhn", "train", tmp_path / "cache", 64)
+    message = str(error.value)
+    label, left, top, width, height = box
+    assert (f"SVHN image {tmp_path / 'svhn' / 'train' / '1.png'}: digit box 2 of 2 (label {label % 10}, left "
+            f"{left}, top {top}, width {width}, height {height}) {problem}; correct its entry") in message
+    assert "\n" not in message and not list((tmp_path / "cache").iterdir())
+
+
+def test_boxes_partly_outside_pass_the_check():
+    record = svhn.SvhnRecord("5.png", "70", np.array([[-4, 20, 10, 14], [40, 30, 10, 14]], np.float64))
+    svhn.check_boxes(record, (36, 48, 3), "5.png")  # over the left edge; over the right and bottom edges
+    with pytest.raises(svhn.SvhnFormatError, match=r"5\.png: digit box 1 of 1 .*not a finite number"):
+        svhn.check_boxes(svhn.SvhnRecord("5.png", "7", np.array([[np.nan, 20, 10, 14]])), (36, 48, 3), "5.png")
+
+
 def test_a_cache_folder_without_meta_json_is_replaced(source, tmp_path, caplog):
     """A folder that lost its meta.json (deleted by hand, say) is rebuilt and replaced, not a rename error."""
     first = svhn.split_cache(source, "train", tmp_path / "cache", 64)
@@ -501,6 +554,66 @@ def test_synth_pure_and_sharded(mnist_folder, tmp_path):
 def test_synth_needs_a_source():
     with pytest.raises(svhn.SvhnSourceError, match="MNIST"):
         svhn.make_dataset({"task": "svhn_synth"}, seed=0, global_batch_size=2)
+
+
+@pytest.mark.parametrize("size,framing", [(64, "tight"), (128, "loose")])
+def test_synth_boxes_are_where_the_ink_is(size, framing):
+    """Each digit's ``box`` against the pixels its ink changes: the same number drawn with every digit blank
+    but that one, minus the number drawn with all blank (the same random draws: the same background, colours,
+    clutter and noise), is nonzero where that digit's ink is."""
+    digits, labels = synthetic_digits(300, 0)
+    inks = np.array([svhn.ink_box(d) for d in digits])
+    blank = np.zeros_like(digits)
+
+    def draw(images, seed):
+        return svhn.synth_number(np.random.default_rng(seed), images, labels, size, framing, inks=inks)
+
+    errors = []
+    for seed in range(12):
+        number = draw(digits, seed)
+        ids = number["index"][:number["length"]]
+        assert np.isnan(number["box"][len(ids):]).all()
+        if len(set(ids.tolist())) < len(ids):
+            continue  # a digit used twice cannot be drawn alone
+        background = draw(blank, seed)["image"].astype(np.int32)
+        for k, i in enumerate(ids):
+            alone = blank.copy()
+            alone[i] = digits[i]
+            change = np.abs(draw(alone, seed)["image"].astype(np.int32) - background).max(-1)
+            ys, xs = np.nonzero(change > 0.15 * change.max())
+            left, top, width, height = number["box"][k]
+            expected = np.clip([left, top, left + width, top + height], 0, size)
+            ink = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            errors.append((ink - expected) / [width, height, width, height])
+    errors = np.array(errors)  # (digits, 4): each side's error as a fraction of the box's width or height
+    assert len(errors) >= 20
+    # About one pixel of the digit as drawn before the warp (its ink's soft edge): up to a quarter of a narrow
+    # digit's width (a "1" is 3-5 pixels wide), a tenth of its height (20 pixels).
+    assert np.abs(errors[:, [0, 2]]).max() <= 0.3 and np.abs(errors[:, [1, 3]]).max() <= 0.12
+    assert np.abs(errors.mean(0)).max() <= 0.04  # no bias on any side
+
+
+def test_svhn_framing_prints_the_table_and_draws(source, mnist_folder, tmp_path):
+    """`experiments.svhn_framing` on a generated format-1 folder and MNIST: the table (real tight crops: the
+    number fills 1/1.3 of the width, centred) and the picture; a missing folder is one line."""
+    tool = [sys.executable, "-m", "experiments.svhn_framing", f"--mnist={mnist_folder}", "--count=12"]
+    out = subprocess.run([*tool, f"--source={source}", f"--out={tmp_path / 'framing.png'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["statistic", "source", "size", "median", "p10", "p90"]
+    assert "number width   real         64   0.769  0.769  0.769" in lines
+    assert "centre offset  real        128   0.000  0.000  0.000" in lines
+    assert sum(line.startswith(("digit height", "number width", "centre offset")) for line in lines) == 12
+    real = next(line for line in lines if line.startswith("real ("))
+    assert real.split() == ["real", "(4)", "25.0", "50.0", "25.0", "0.0", "0.0"]  # 19, 5, 203, 70
+    assert next(line for line in lines if line.startswith("synthetic (")).startswith("synthetic (12)")
+    with Image.open(tmp_path / "framing.png") as picture:
+        assert picture.format == "PNG" and picture.size[0] > 300
+    missing = subprocess.run([*tool, f"--source={tmp_path / 'nowhere'}", f"--out={tmp_path / 'no.png'}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"error: SVHN source {tmp_path / 'nowhere'} does not exist" in missing.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,9 @@ A run is "model + data + objective" (``config.objective.name``). An
 * ``result_line(result)``: the line the command-line tools print.
 
 Classification (softmax cross-entropy, error rate) is the paper's objective
-for MNIST and CUB. Adding one is a subclass and a `register` call.
+for MNIST and CUB, ``sequence`` for SVHN, ``triplet`` (no labels: boxes found
+by co-localisation, Appendix A.2) for the ``coloc_set`` data. Adding one is a
+subclass and a `register` call.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stn_jax.paper.coloc import iou, patch_theta, theta_to_box, triplet_terms
 from stn_jax.paper.registry import Registry
 
 Batch = Mapping[str, jax.Array]
@@ -178,3 +181,98 @@ class Sequence(Objective):
         count = max(sums["count"], 1.0)
         return {"error": sums["errors"] / count, "loss": sums["loss"] / count,
                 "position_error": sums["position_errors"] / count}
+
+
+@register
+class Triplet(Objective):
+    """Co-localisation's triplet hinge loss (paper A.2); no labels are read.
+
+    The model (``coloc_st``, `stn_jax.paper.models.coloc`) maps images to the
+    descriptors of their crops, ``model(x, return_aux=True)`` also gives the
+    attention parameters; ``model.describe_patches(x, theta)`` encodes other
+    patches of the same images. ``batch["rand"]`` ``(B, 3)`` are the random
+    patches' uniforms (drawn by the data set, ``coloc_set``, from (seed, step));
+    `stn_jax.paper.coloc.patch_theta` places them, `stn_jax.paper.coloc.triplet_terms` sums the hinge.
+
+    Loss = the mean over the batch's pairs (n, m) of the hinge (the paper's double
+    sum divided by the number of pairs: a constant factor, i.e. the learning rate).
+    Options: ``alpha`` (margin, paper 1.0); ``patch_scale``: the random patch's size,
+    ``"crop"`` (the same size as image n's predicted crop, at a random place inside the
+    image) or ``"range"`` (``s ~ U[patch_min_scale, patch_max_scale]``) [U]; ``num_pairs`` (0: every m != n of the
+    batch; k: k rolled partners per image), ``iou_threshold`` (paper 0.5),
+    ``box`` (``"box"``: the digit's 28x28 frame, the paper's box; or ``"ink_box"``),
+    ``normalize`` (divide every descriptor by its L2 norm first [U]: the paper does not say;
+    without it the loss's minimum is an empty crop, docs/coloc.md).
+    Eval metrics: ``localised`` (fraction with IoU > threshold), ``mean_iou``, ``loss``,
+    ``scale`` (mean predicted s), ``centre_error_px`` (mean distance in pixels between the
+    crop's centre and the box's: how well the object is found whatever the box size) and
+    ``centred`` (a diagnostic that is told the true box's size: the fraction whose box of that
+    size at the predicted centre has IoU > threshold).
+    """
+
+    name = "triplet"
+    headline = "localised"
+    scores_labels = False  # it reads boxes and random patches
+    defaults = {"alpha": 1.0, "patch_scale": "crop", "patch_min_scale": 0.25, "patch_max_scale": 0.5,
+                "normalize": True, "num_pairs": 0, "iou_threshold": 0.5, "box": "box"}
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if self.options["box"] not in ("box", "ink_box"):
+            raise ValueError(f"objective triplet: box must be 'box' or 'ink_box', got {self.options['box']!r}")
+        if self.options["patch_scale"] not in ("crop", "range"):
+            raise ValueError(f"objective triplet: patch_scale must be 'crop' or 'range', got "
+                             f"{self.options['patch_scale']!r}")
+        if not 0 < self.options["patch_min_scale"] <= self.options["patch_max_scale"]:
+            raise ValueError("objective triplet: need 0 < patch_min_scale <= patch_max_scale")
+
+    def _terms(self, model, batch, weights=None):
+        desc_t, aux = model(batch["image"], return_aux=True)
+        theta = aux["theta"][0]
+        u = batch["rand"]
+        if self.options["patch_scale"] == "crop":
+            scale = jax.lax.stop_gradient(theta[:, 0])
+        else:
+            lo, hi = float(self.options["patch_min_scale"]), float(self.options["patch_max_scale"])
+            scale = lo + (hi - lo) * u[:, 0]
+        desc_rand = jax.lax.stop_gradient(model.describe_patches(batch["image"], patch_theta(u, scale)))
+        if self.options["normalize"]:
+            unit = lambda d: d / jnp.sqrt(jnp.sum(d ** 2, -1, keepdims=True) + 1e-12)
+            desc_t, desc_rand = unit(desc_t), unit(desc_rand)
+        hinge, pairs = triplet_terms(desc_t, desc_rand, float(self.options["alpha"]), int(self.options["num_pairs"]),
+                                     weights)
+        overlap = iou(theta_to_box(theta), batch[self.options["box"]])
+        return hinge, pairs, overlap, theta, aux
+
+    def loss(self, model, batch):
+        hinge, pairs, overlap, theta, aux = self._terms(model, batch)
+        loss = hinge.sum() / jnp.maximum(pairs.sum(), 1.0)
+        localised = (overlap > self.options["iou_threshold"]).mean()
+        return loss, dict(localised=localised, mean_iou=overlap.mean(), identity_penalty=aux["identity_penalty"],
+                          **theta_stats(aux["theta"]))
+
+    def eval_sums(self, model, batch):
+        mask = batch["mask"].astype(jnp.float32)
+        hinge, pairs, overlap, theta, _ = self._terms(model, batch, mask)
+        good = (overlap > self.options["iou_threshold"]).astype(jnp.float32)
+        box = batch[self.options["box"]]
+        centre = jnp.stack([box[:, 0] + box[:, 2], box[:, 1] + box[:, 3]], -1) / 2
+        size = batch["image"].shape[-2]  # pixels per 2 normalised units (square images)
+        off = jnp.sqrt(jnp.sum((theta[:, 1:] - centre) ** 2, -1)) * size / 2
+        # Diagnostic, told the true box's size: a box of that size at the predicted centre.
+        half = jnp.stack([box[:, 2] - box[:, 0], box[:, 3] - box[:, 1]], -1) / 2
+        at_centre = jnp.concatenate([theta[:, 1:] - half, theta[:, 1:] + half], -1)
+        centred = (iou(at_centre, box) > self.options["iou_threshold"]).astype(jnp.float32)
+        return dict(hinge=hinge.sum(), pairs=pairs.sum(), localised=(good * mask).sum(),
+                    iou=(overlap * mask).sum(), scale=(jnp.abs(theta[:, 0]) * mask).sum(),
+                    centre_error=(off * mask).sum(), centred=(centred * mask).sum(), count=mask.sum())
+
+    def summarize(self, sums):
+        count = max(sums["count"], 1.0)
+        return {"localised": sums["localised"] / count, "mean_iou": sums["iou"] / count,
+                "loss": sums["hinge"] / max(sums["pairs"], 1.0), "scale": sums["scale"] / count,
+                "centre_error_px": sums["centre_error"] / count, "centred": sums["centred"] / count}
+
+    def result_line(self, result: Mapping[str, float]) -> str:
+        """What `experiments.train` / `experiments.evaluate` print for this objective."""
+        return f"localised={result['localised']!r} mean_iou={result['mean_iou']!r}"

@@ -57,9 +57,15 @@ Design of ``svhn``:
   renamed when complete (`files.building_folder`: a Ctrl-C or an error removes
   it; a folder left without its ``meta.json`` is rebuilt and replaced); read
   back with ``np.load(mmap_mode="r")``, so 235k images are never all in memory.
-  A truncated or unreadable PNG stops the build naming the file. The SHA-256 sums are checked on load for
-  caches up to ``VERIFY_LIMIT_BYTES`` (1 GiB), larger ones by size (their
-  digests are logged; `verify_cache` checks them in full).
+  A truncated or unreadable PNG (or bytes that are no image) stops the build
+  with one line naming the file, from the worker processes too; so does a
+  digit box with zero or negative width or height, or one entirely outside its
+  image (`check_boxes`: the line names the image and the box). Boxes partly
+  outside the image are normal in SVHN (225 of the 99,289 boxes of the
+  official train and test annotations) and are cropped as usual. The SHA-256
+  sums are checked on load for caches up to ``VERIFY_LIMIT_BYTES`` (1 GiB),
+  larger ones by size (their digests are logged; `verify_cache` checks them
+  in full).
 * **Training batches** are pure functions of ``(seed, step, example index)``:
   example ``j`` of the global batch of ``step`` draws everything from
   ``np.random.default_rng((TRAIN_STREAM, seed, step, j))``: a uniform index
@@ -86,16 +92,28 @@ Design of ``svhn``:
   et al. 2013 subtract each image's mean: a model can do it).
 
 Design of ``svhn_synth`` (no counterpart in the paper; a stand-in for offline
-studies and tests) [U throughout]: a number of 1-5 MNIST digits (length
-probabilities ``SYNTH_LENGTH_PROBS``), each scaled by 0.85-1.15 and shifted up
-or down a little, separated by random gaps, slanted by a common shear, drawn
-in one colour on a background of another colour (luminance contrast at least
-0.3) with a smooth low-frequency texture, a colour gradient, random clutter
-strokes, a slight blur and pixel noise. Framing as for the real data: tight
-(the 30 %-enlarged union box of the ink fills the frame, aspect not kept, a
-few % jitter) or loose (a square twice the enlarged box's longer side, the
-number at a uniformly random position inside it). Training examples use the
-MNIST train digits and ``default_rng((TRAIN_STREAM, seed, step, j))``; test
+studies and tests) [U throughout]: a number of 1-5 MNIST digits, narrowed to
+about half as wide as tall, each scaled by 0.97-1.03 and shifted up or down a
+little, about touching, slanted by a common shear, drawn in one colour on a
+background of another colour (luminance contrast at least 0.3) with a smooth
+low-frequency texture, a colour gradient, random clutter strokes, a slight
+blur and pixel noise. Each digit's box is the axis-aligned box of its slanted
+ink (`synth_number` returns them, ``box``). Framing as for the real data, on
+the union of these boxes: tight (the 30 %-enlarged union box fills the frame,
+aspect not kept) or loose (a square twice the enlarged box's longer side,
+centred on the number), each with a jitter of 5 % in size and 4 % in
+position. The layout parameters (``SYNTH_LENGTH_PROBS``, ``SYNTH_SQUEEZE``,
+``SYNTH_GAP``, ``SYNTH_DIGIT_SCALE``, ``SYNTH_DY``) are matched to real SVHN:
+the number of digits to the frequencies of SVHN train (33,402 images), the
+shape and spacing of the digit boxes to 595 real train images (1,293 boxes:
+width / height median 0.50, gap between neighbours median 0 of the height,
+the digits of a number equally tall and nearly aligned). Measured with
+``experiments/svhn_framing.py`` on those 595 images, the 64 px and 128 px
+crops then agree with the real ones in digit height, number width (both as
+fractions of the crop's side, medians within 1 %) and digit count (within
+1 point per length); the real crops are exactly centred on the number, the
+synthetic ones up to 4 % off (docs/data.md). Training examples use the MNIST
+train digits and ``default_rng((TRAIN_STREAM, seed, step, j))``; test
 example ``i`` uses the MNIST test digits and ``default_rng((TEST_STREAM,
 test_seed, i))``, so it is a pure function of ``i`` (cached with its SHA-256
 when a cache folder is given).
@@ -154,7 +172,7 @@ LOOSE_FACTOR = 2.0      # [U] loose framing: square side = 2 x the longer side o
 GOODFELLOW_WINDOW = 54 / 64  # Goodfellow et al. 2013: random 54x54 crops of the 64x64 image
 CROP_VERSION = 1        # bump when the crop recipe changes (invalidates caches)
 CACHE_VERSION = 1       # bump when the cache layout changes
-SYNTH_VERSION = 1       # bump when the synthetic generator changes (invalidates cached synthetic test sets)
+SYNTH_VERSION = 2       # bump when the synthetic generator changes (invalidates cached synthetic test sets)
 VERIFY_LIMIT_BYTES = 1 << 30
 
 TRAIN_STREAM = 0x5452   # "TR": separate random streams
@@ -162,9 +180,14 @@ TEST_STREAM = 0x5445    # "TE"
 VALID_STREAM = 0x5641   # "VA"
 HOLDOUT_SEED = 0x484F   # "HO": the fixed draw of the validation hold-out
 
-# [U] length distribution of the synthetic numbers (SVHN train: about 15/56/26/3.5/0.03 %; longer numbers
-# are made more frequent here so that every digit classifier gets examples).
-SYNTH_LENGTH_PROBS = (0.15, 0.35, 0.30, 0.15, 0.05)
+# The synthetic numbers' layout [U], matched to real SVHN (see the module docstring). Lengths: SVHN train's
+# 5,137 / 18,130 / 8,691 / 1,434 / 9 numbers of 1-5 digits (and one of 6) of its 33,402 images.
+SYNTH_LENGTH_PROBS = (0.1538, 0.5428, 0.2602, 0.0429, 0.0003)
+SYNTH_DIGIT_SCALE = (0.97, 1.03)  # each digit's size factor (MNIST digits' ink is 20 px tall)
+SYNTH_SQUEEZE = (0.5, 0.65)     # the number's width factor: MNIST digits are 0.75 as wide as tall (median)
+SYNTH_GAP = (-1.0, 3.0)         # pixels between neighbouring digits' ink at MNIST scale
+SYNTH_DY = 0.6                  # standard deviation of each digit's vertical shift, pixels at MNIST scale
+SYNTH_SHEAR = 0.3               # the number's slant: x += shear * y, shear uniform in [-0.3, 0.3]
 
 
 class SvhnSourceError(FileNotFoundError):
@@ -611,10 +634,36 @@ def crop_128(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return crop(image, boxes, 128, "loose")
 
 
+def check_boxes(record: SvhnRecord, image_shape: Sequence[int], name: str) -> None:
+    """Refuses a digit box of ``record`` that cannot be cropped: a width or height that is zero or negative (or
+    a value that is not a finite number), or a box entirely outside the ``(H, W, ...)`` image. Boxes partly
+    outside the image are normal in SVHN and pass.
+
+    Raises `SvhnFormatError`, one line naming the image ``name`` and the box (1-based, its label and pixels).
+    """
+    height, width = image_shape[:2]
+    for k, (left, top, w, h) in enumerate(np.asarray(record.boxes, np.float64).reshape(-1, 4)):
+        if not np.isfinite([left, top, w, h]).all():
+            problem = "has a value that is not a finite number"
+        elif w <= 0 or h <= 0:
+            problem = "has zero or negative width or height"
+        elif left >= width or top >= height or left + w <= 0 or top + h <= 0:
+            problem = f"lies entirely outside the {width}x{height} image"
+        else:
+            continue
+        raise SvhnFormatError(f"SVHN image {name}: digit box {k + 1} of {len(record)} (label {record.digits[k]}, "
+                              f"left {left:g}, top {top:g}, width {w:g}, height {h:g}) {problem}; correct its entry "
+                              f"in the split's digitStruct file, or delete the image and set "
+                              f"config.data.allow_missing_images=True to skip it")
+
+
 def _crop_job(job: tuple) -> np.ndarray:
-    """Worker: ``(png path or bytes, its name for errors, boxes, size, framing)`` -> crop."""
-    source, name, boxes, size, framing = job
-    return crop(load_image(source, name), boxes, size, framing)
+    """Worker: ``(png path or bytes, its name for errors, its SvhnRecord, size, framing)`` -> crop (the
+    boxes checked against the image first, `check_boxes`)."""
+    source, name, record, size, framing = job
+    image = load_image(source, name)
+    check_boxes(record, image.shape, name)
+    return crop(image, record.boxes, size, framing)
 
 
 # ----------------------------------------------------------------------------
@@ -771,7 +820,7 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
         image = np.lib.format.open_memmap(tmp / "image.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
         desc = f"SVHN {src.split} {size}px"
         if src.kind == "folder":
-            jobs = ((str(src.path / r.filename), str(src.path / r.filename), r.boxes, size, framing) for r in kept)
+            jobs = ((str(src.path / r.filename), str(src.path / r.filename), r, size, framing) for r in kept)
             for i, out in enumerate(_crops(jobs, n, num_workers, desc)):
                 image[i] = out
         else:
@@ -786,7 +835,7 @@ def build_cache(src: SplitSource, path: Path, image_size: int, framing: str = "a
                             if member.isfile() and folder == member_folder and base in position:
                                 order.append(position.pop(base))
                                 yield (tar.extractfile(member).read(), f"{src.path}:{member.name}",
-                                       kept[order[-1]].boxes, size, framing)
+                                       kept[order[-1]], size, framing)
                 except (tarfile.TarError, OSError, EOFError) as e:
                     raise SvhnFormatError(f"SVHN archive {src.path} is corrupt or truncated "
                                           f"({type(e).__name__}: {e}); download it again. {HOW_TO_GET}") from None
@@ -1141,7 +1190,9 @@ def synth_number(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
                  max_length: int = MAX_DIGITS, inks: np.ndarray | None = None) -> dict[str, Any]:
     """One synthetic house number (see the module docstring) from MNIST ``digits`` uint8 (N, 28, 28).
 
-    Returns ``image`` uint8 (size, size, 3), ``label`` int32 (5,), ``length``, ``index`` (the MNIST digits used).
+    Returns ``image`` uint8 (size, size, 3), ``label`` int32 (5,), ``length``, ``index`` (the MNIST digits used)
+    and ``box`` float32 (5, 4): each digit's left, top, width, height in output pixels (the axis-aligned box of
+    its slanted ink; x right, y down, the image spans [0, size]), NaN rows after the last digit.
     """
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -1149,43 +1200,45 @@ def synth_number(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
     n = int(rng.choice(max_length, p=probs / probs.sum())) + 1
     ids = rng.integers(len(digits), size=n)
     # The number, white on black, at MNIST scale (about 20 px tall), on a canvas with room for the layout.
-    scale = rng.uniform(0.85, 1.15, n)
-    gaps = rng.uniform(-1.0, 6.0, n)
-    dy = rng.normal(0, 1.2, n)
-    shear = rng.uniform(-0.3, 0.3)
-    pieces, x, tops, bottoms = [], 4.0, [], []
+    scale = rng.uniform(*SYNTH_DIGIT_SCALE, n)
+    squeeze = rng.uniform(*SYNTH_SQUEEZE)
+    gaps = rng.uniform(*SYNTH_GAP, n)
+    dy = rng.normal(0, SYNTH_DY, n)
+    shear = rng.uniform(-SYNTH_SHEAR, SYNTH_SHEAR)
+    pieces, x = [], 4.0
     for k in range(n):
         d = digits[ids[k]]
         x0, y0, x1, y1 = (inks[ids[k]] if inks is not None else ink_box(d))
-        w, h = max(1, round((x1 - x0) * scale[k])), max(1, round((y1 - y0) * scale[k]))
+        w, h = max(1, round((x1 - x0) * scale[k] * squeeze)), max(1, round((y1 - y0) * scale[k]))
         piece = np.asarray(Image.fromarray(np.ascontiguousarray(d[y0:y1, x0:x1])).resize(
             (w, h), Image.Resampling.BILINEAR))
-        top = 30.0 - h / 2 + dy[k]
-        pieces.append((piece, round(x), round(top)))
-        tops.append(round(top))
-        bottoms.append(round(top) + h)
+        pieces.append((piece, round(x), round(30.0 - h / 2 + dy[k])))
         x += w + (gaps[k] if k < n - 1 else 0)
-    width = int(round(x)) + 8
-    canvas = np.zeros((60, width), np.uint8)
+    canvas = np.zeros((60, int(round(x)) + 8), np.uint8)
     for piece, px, py in pieces:
         h, w = piece.shape
         region = canvas[py:py + h, px:px + w]
         np.maximum(region, piece[:region.shape[0], :region.shape[1]], out=region)
-    bx0, by0, bx1, by1 = 4.0, float(min(tops)), float(x), float(max(bottoms))
+    # Each digit's box: the axis-aligned box of its slanted ink (pixels above 32, as in `ink_box`), as an SVHN
+    # annotator draws it, in slanted canvas coordinates (X', Y), X' = X - shear (Y - 30), where the frame is a
+    # rectangle. Columns x0, y0, x1, y1; a pixel (X, Y) covers [X, X + 1] x [Y, Y + 1].
+    boxes = np.empty((n, 4))
+    for k, (piece, px, py) in enumerate(pieces):
+        ys, xs = np.nonzero(piece > 32) if (piece > 32).any() else np.nonzero(np.ones_like(piece))
+        X, Y = px + xs, py + ys
+        slanted = np.concatenate([X - shear * (Y - 30.0), X - shear * (Y + 1 - 30.0)])
+        boxes[k] = slanted.min(), Y.min(), slanted.max() + 1, Y.max() + 1
+    bx0, by0 = boxes[:, :2].min(0)
+    bx1, by1 = boxes[:, 2:].max(0)
     cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
-    bw = (bx1 - bx0) + abs(shear) * (by1 - by0)  # the slanted number's width
-    bh = by1 - by0
-    fw, fh = TIGHT_ENLARGE * bw, TIGHT_ENLARGE * bh
+    # The frame: the 30 %-enlarged union box, each side jittered by 5 % and its centre by 4 %; loose: the square
+    # twice its longer side, as for the real crops.
+    fw = TIGHT_ENLARGE * (bx1 - bx0) * rng.uniform(0.95, 1.05)
+    fh = TIGHT_ENLARGE * (by1 - by0) * rng.uniform(0.95, 1.05)
     if framing == "loose":
-        side = LOOSE_FACTOR * max(fw, fh)
-        fx = cx + rng.uniform(-1, 1) * (side - fw) / 2
-        fy = cy + rng.uniform(-1, 1) * (side - fh) / 2
-        fw = fh = side
-    else:
-        fw *= rng.uniform(0.95, 1.05)
-        fh *= rng.uniform(0.95, 1.05)
-        fx = cx + rng.uniform(-0.04, 0.04) * fw
-        fy = cy + rng.uniform(-0.04, 0.04) * fh
+        fw = fh = LOOSE_FACTOR * max(fw, fh)
+    fx = cx + rng.uniform(-0.04, 0.04) * fw
+    fy = cy + rng.uniform(-0.04, 0.04) * fh
     # Shrink the canvas first (antialiased) so that the affine warp below is close to 1:1.
     shrink = max(1.0, min(fw, fh) / size)
     alpha = Image.fromarray(canvas)
@@ -1193,10 +1246,13 @@ def synth_number(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
         alpha = alpha.resize((max(1, round(canvas.shape[1] / shrink)), max(1, round(canvas.shape[0] / shrink))),
                              Image.Resampling.BILINEAR)
     sx, sy = alpha.size[0] / canvas.shape[1], alpha.size[1] / canvas.shape[0]
-    # Output pixel (u, v) -> canvas (X, Y): Y = fy + (v / S - 1/2) fh, X = fx + (u / S - 1/2) fw + shear (Y - cy).
+    # Output pixel (u, v) -> canvas (X, Y): Y = f + e v, X' = c + a u, X = X' + shear (Y - 30).
     a, c = fw / size, fx - fw / 2
     e, f = fh / size, fy - fh / 2
-    coeffs = (a * sx, shear * e * sx, (c + shear * (f - cy)) * sx, 0.0, e * sy, f * sy)
+    coeffs = (a * sx, shear * e * sx, (c + shear * (f - 30.0)) * sx, 0.0, e * sy, f * sy)
+    box = np.full((MAX_DIGITS, 4), np.nan, np.float32)
+    box[:n] = np.stack([(boxes[:, 0] - c) / a, (boxes[:, 1] - f) / e, (boxes[:, 2] - boxes[:, 0]) / a,
+                        (boxes[:, 3] - boxes[:, 1]) / e], 1)
     alpha = np.asarray(alpha.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR),
                        np.float32) / 255.0
 
@@ -1240,7 +1296,7 @@ def synth_number(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
         out = out.filter(ImageFilter.GaussianBlur(radius))
     label, length = encode_label("".join(str(int(labels[i])) for i in ids))
     return {"image": np.asarray(out, np.uint8), "label": label, "length": np.int32(length),
-            "index": np.pad(ids, (0, MAX_DIGITS - n), constant_values=-1)}
+            "index": np.pad(ids, (0, MAX_DIGITS - n), constant_values=-1), "box": box}
 
 
 class SvhnSynthDataset(_Base):
