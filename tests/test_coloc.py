@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from stn_jax.layers import Bound, LocalisationParam
-from stn_jax.paper import coloc as C, models
+from stn_jax.paper import checkpoints, coloc as C, evaluation, models
 from stn_jax.paper.data import make_dataset
 from stn_jax.paper.models.coloc import ColocLocalisation, Frozen, FrozenCNN, read_encoder
 from stn_jax.paper.objectives import create_objective
@@ -316,9 +316,9 @@ def test_tiny_run_encoder_frozen_and_resume(encoder_run, synthetic_mnist, tmp_pa
     s = setup(train.resolve(config), cache_dir=str(workdir / "data"))
     frozen_vars = nnx.state(s.merge(s.state.params, s.state.model_state, train=False), Frozen)
     assert len(jax.tree.leaves(frozen_vars)) == 6 and not jax.tree.leaves(s.state.params["main"])
-    run = train.open_run(train.resolve(config), workdir)
-    manager = train.checkpoint_manager(workdir, 3, create=False)
-    state = train.restore_latest(run, manager, run.setup.state)
+    run = evaluation.open_run(train.resolve(config), workdir)
+    manager = checkpoints.checkpoint_manager(workdir, 3, create=False)
+    state = checkpoints.restore_latest(run, manager, run.setup.state)
     assert int(state.step) == 4
     for a, b in zip(_frozen(s.state), _frozen(state), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -334,7 +334,7 @@ def test_tiny_run_encoder_frozen_and_resume(encoder_run, synthetic_mnist, tmp_pa
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 6
     # Evaluation of the saved run: the same numbers as the loop's final evaluation.
-    again = train.evaluate_checkpoint(_tiny_config(synthetic_mnist, encoder_run, 6), workdir)
+    again = evaluation.evaluate_checkpoint(_tiny_config(synthetic_mnist, encoder_run, 6), workdir)
     np.testing.assert_allclose(again["localised"], longer["localised"])
     np.testing.assert_allclose(again["loss"], longer["loss"], rtol=1e-5)
     # The picture of the boxes over training (paper Fig. 4): step 0 and every kept checkpoint.

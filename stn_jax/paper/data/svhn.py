@@ -206,7 +206,7 @@ class SvhnFormatError(ValueError):
 def default_config(task: str = "svhn") -> ml_collections.ConfigDict:
     """The data section for ``task`` (``"svhn"`` or ``"svhn_synth"``), every option with its default.
 
-    Tags: [P] the paper, [S] second-hand report of its appendix, [U] our assumption.
+    Provenance tags [P], [S], [U]: defined in `stn_jax.paper`.
     """
     if task not in TASKS:
         raise ValueError(f"unknown data task {task!r}; choose one of {', '.join(TASKS)}")

@@ -33,7 +33,7 @@ __all__ = ["EVALUATION_OPTIONS", "TASKS", "DataTask", "Dataset", "default_config
 # Options every task has that only `experiments.evaluate` reads; they change no data (no cache fingerprint
 # hashes them).
 EVALUATION_OPTIONS: Mapping[str, Any] = {
-    "test_npz": "",  # score a .npz of `images` and `labels` instead of the test set (`stn_jax.paper.train`)
+    "test_npz": "",  # score a .npz of `images` and `labels` instead of the test set (`stn_jax.paper.data.npz`)
 }
 
 
