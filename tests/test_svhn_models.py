@@ -225,16 +225,40 @@ def test_evaluate_scores_own_house_numbers(tiny_run, tmp_path):
         evaluation.evaluate_checkpoint(mine, workdir)
 
 
-def test_relu_layers_start_with_he_initialisation():
-    """Conv and hidden FC kernels have std sqrt(2 / fan_in) (He et al.), so that ten ReLU layers keep the
-    signal's scale; the five heads keep flax's default (LeCun) initialisation."""
+def test_relu_layers_start_with_he_initialisation_scaled_for_dropout():
+    """Conv and hidden FC kernels have std sqrt(2 keep / fan_in) (He et al.) and the heads sqrt(keep / fan_in)
+    (LeCun), where keep is the keep probability of the dropout on the layer's input (0.5 after conv 2, 1 for
+    conv 1 and 2); ``dropout_init=False`` gives the unscaled He / LeCun initialisation."""
     from stn_jax.paper.models import svhn
 
-    model = models.create_model("svhn_cnn", input_shape=(64, 64, 3), num_classes=11, rngs=nnx.Rngs(0),
-                                width_multiplier=0.25)
-    blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, (svhn.ConvBlock, svhn.DenseBlock))]
-    assert len(blocks) == 10
-    for block in blocks:
-        kernel = np.asarray((block.conv if isinstance(block, svhn.ConvBlock) else block.linear).kernel[...])
-        fan_in = math.prod(kernel.shape[:-1])
-        assert kernel.std() == pytest.approx(math.sqrt(2 / fan_in), rel=0.1), kernel.shape
+    for dropout_init in (True, False):
+        model = models.create_model("svhn_cnn", input_shape=(64, 64, 3), num_classes=11, rngs=nnx.Rngs(0),
+                                    width_multiplier=0.25, dropout_init=dropout_init)
+        layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, (svhn.ConvBlock, svhn.DenseBlock,
+                                                                        svhn.DigitHeads))]
+        layers.sort(key=lambda m: model.layers.index(m))
+        assert len(layers) == 11
+        for i, layer in enumerate(layers):
+            kernel = np.asarray((layer.conv if isinstance(layer, svhn.ConvBlock) else layer.linear).kernel[...])
+            gain = 1.0 if isinstance(layer, svhn.DigitHeads) else 2.0
+            keep = 0.5 if dropout_init and i >= 2 else 1.0
+            fan_in = math.prod(kernel.shape[:-1])
+            assert kernel.std() == pytest.approx(math.sqrt(gain * keep / fan_in), rel=0.1), (i, kernel.shape)
+
+
+def test_dropout_init_keeps_the_training_signal_scale():
+    """In training mode, inverted dropout 0.5 on nine layers' outputs multiplies the signal's second moment
+    by about 2 per layer: with plain He initialisation the logits come out tens of times larger than the
+    first layer's output (a saturated softmax and a first step that kills most ReLUs); scaled for the
+    dropout they stay within a small factor of it."""
+    x = jax.random.uniform(jax.random.key(0), (16, 64, 64, 3))
+    ratios = {}
+    for dropout_init in (True, False):
+        model = models.create_model("svhn_cnn", input_shape=(64, 64, 3), num_classes=11,
+                                    rngs=nnx.Rngs(0, dropout=1), width_multiplier=0.25, dropout_init=dropout_init)
+        model.train()
+        first = model.layers[1](model.layers[0](x))     # minus the mean -> conv 1 (no dropout)
+        rms = lambda a: float(jnp.sqrt(jnp.mean(jnp.square(a))))  # noqa: E731
+        ratios[dropout_init] = rms(model(x)) / rms(first)
+    assert ratios[False] > 10, ratios
+    assert ratios[True] < 4, ratios

@@ -44,6 +44,16 @@ Appendix A.5.
 * Dropout 0.5 [S] on the output of every hidden layer except the first conv
   layer (after its ReLU and pool) [U: placement]; none in the localisation
   networks [S]. Uses the "dropout" rng stream (`nnx.Dropout`).
+* Initialisation [U] (the paper: random): fan-in normal, He et al.'s variance
+  ``2 / fan_in`` for the ReLU layers and LeCun's ``1 / fan_in`` for the heads,
+  times the keep probability of the dropout on the layer's input
+  (``dropout_init``, default True; `kernel_init`), biases zero. Inverted
+  dropout multiplies the second moment of what it keeps by ``1 / keep``, so
+  with plain He initialisation nine dropout layers make the training-mode
+  logits about 40x larger than the evaluation-mode ones (rms 13 against 0.33 at
+  width 0.5); the first SGD steps then drive most ReLUs dead and the network
+  sits at the marginal label distribution (docs/models.md, "SVHN: learning
+  with the paper's recipe"). Scaled, the training-mode signal keeps its scale.
 * Input [U]: the data gives RGB in [0, 1]; ``subtract_mean`` (default True,
   Goodfellow et al. 2013) subtracts each image's mean (over pixels and
   channels) before the first conv. In the transformer models it comes *after*
@@ -88,7 +98,16 @@ FC_WIDTHS = (3072, 3072)                                        # [S] A.5 (10 hi
 KERNEL = 5                                                      # [S] 5x5, pad 2 ("same")
 DROPOUT = 0.5                                                   # [S]
 MULTI_ST_BEFORE = 4                                             # [P] a transformer before conv 1-4
-RELU_INIT = nnx.initializers.he_normal()                        # [U] weights of the ReLU conv and FC layers
+
+
+def kernel_init(gain: float, input_keep: float = 1.0):
+    """Fan-in normal initialisation of variance ``gain * input_keep / fan_in`` [U].
+
+    ``gain`` 2 is He et al.'s for a ReLU layer, 1 LeCun's for the linear heads. ``input_keep`` is the keep
+    probability of the dropout on the layer's input (1: none): inverted dropout multiplies its input's
+    second moment by ``1 / keep``, so this keeps the training-mode signal's scale through the stack.
+    """
+    return nnx.initializers.variance_scaling(gain * float(input_keep), "fan_in", "truncated_normal")
 
 # [S] A.5: ST-CNN Single: conv[32,5,1,2] - max[2] - conv[32,5,1,2] - fc[32] - fc[6].
 SINGLE_LOCALISATION = {"kind": "conv", "channels": (32, 32), "kernel_size": 5, "fc": (32,), "downsample": None,
@@ -96,7 +115,8 @@ SINGLE_LOCALISATION = {"kind": "conv", "channels": (32, 32), "kernel_size": 5, "
 # [S] A.5: ST-CNN Multi: fc[32] - fc[32] - fc[6], each on its layer's whole (flattened) input [U].
 MULTI_LOCALISATION = {"kind": "fc", "hidden": (32, 32)}
 
-_CNN_OPTIONS = {"width_multiplier": 1.0, "fc": FC_WIDTHS, "dropout": DROPOUT, "subtract_mean": True}
+_CNN_OPTIONS = {"width_multiplier": 1.0, "fc": FC_WIDTHS, "dropout": DROPOUT, "subtract_mean": True,
+                "dropout_init": True}
 _ST_OPTIONS = {"align_corners": False, "mode": "bilinear", "padding_mode": "zeros", "pad_value": 0.0,
                "bound": None, "head_init_std": 0.0}
 
@@ -111,9 +131,10 @@ class SubtractMean(nnx.Module):
 class ConvBlock(nnx.Module):
     """conv kxk "same" -> ReLU [-> max-pool 2x2 stride 2] [-> dropout]."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, pool_after: bool, dropout: float, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, (KERNEL, KERNEL), padding="SAME", kernel_init=RELU_INIT,
-                             rngs=rngs)
+    def __init__(self, in_channels: int, out_channels: int, *, pool_after: bool, dropout: float,
+                 input_keep: float = 1.0, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(in_channels, out_channels, (KERNEL, KERNEL), padding="SAME",
+                             kernel_init=kernel_init(2.0, input_keep), rngs=rngs)
         self.pool_after = bool(pool_after)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
@@ -127,8 +148,9 @@ class ConvBlock(nnx.Module):
 class DenseBlock(nnx.Module):
     """linear -> ReLU [-> dropout]."""
 
-    def __init__(self, in_features: int, out_features: int, *, dropout: float, rngs: nnx.Rngs):
-        self.linear = nnx.Linear(in_features, out_features, kernel_init=RELU_INIT, rngs=rngs)
+    def __init__(self, in_features: int, out_features: int, *, dropout: float, input_keep: float = 1.0,
+                 rngs: nnx.Rngs):
+        self.linear = nnx.Linear(in_features, out_features, kernel_init=kernel_init(2.0, input_keep), rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x):
@@ -142,9 +164,11 @@ class DigitHeads(nnx.Module):
     Stored as one ``F -> 5 * num_classes`` linear layer (the same function and parameter count).
     """
 
-    def __init__(self, in_features: int, num_classes: int, num_digits: int = NUM_DIGITS, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, num_classes: int, num_digits: int = NUM_DIGITS, *, input_keep: float = 1.0,
+                 rngs: nnx.Rngs):
         self.num_digits, self.num_classes = int(num_digits), int(num_classes)
-        self.linear = nnx.Linear(in_features, self.num_digits * self.num_classes, rngs=rngs)
+        self.linear = nnx.Linear(in_features, self.num_digits * self.num_classes,
+                                 kernel_init=kernel_init(1.0, input_keep), rngs=rngs)
 
     def __call__(self, x):
         return self.linear(x).reshape(x.shape[:-1] + (self.num_digits, self.num_classes))
@@ -180,7 +204,7 @@ def _transformer(shape, transform, localisation, o, rngs) -> SpatialTransformer:
 
 
 def _build(name: str, display: str, *, input_shape, num_classes, transform, rngs, st: str | None,
-           width_multiplier: float, fc: Sequence[int], dropout: float, subtract_mean: bool,
+           width_multiplier: float, fc: Sequence[int], dropout: float, subtract_mean: bool, dropout_init: bool,
            localisation: Any = None, **o: Any) -> PaperModel:
     """[ST] -> [mean] -> 8 conv blocks (an ST before conv 1-4 for ``st="multi"``) -> FC blocks -> heads."""
     if len(input_shape) != 3:
@@ -208,7 +232,7 @@ def _build(name: str, display: str, *, input_shape, num_classes, transform, rngs
     if subtract_mean and st != "multi":  # ST-CNN Multi subtracts it after its first transformer
         layers.append(SubtractMean())
         parts.append("minus image mean")
-    cin = shape[-1]
+    cin, keep = shape[-1], 1.0   # keep: the keep probability of the dropout on the next layer's input
     for i, (w, p) in enumerate(zip(CONV_WIDTHS, POOL_AFTER)):
         if st == "multi" and i < MULTI_ST_BEFORE:
             t = _transformer(shape, transform, localisation, o, rngs)
@@ -219,7 +243,8 @@ def _build(name: str, display: str, *, input_shape, num_classes, transform, rngs
                 parts.append("minus image mean")
         w = scaled(w, width_multiplier)
         drop = dropout if i > 0 else 0.0   # [S] no dropout on the first conv layer
-        layers.append(ConvBlock(cin, w, pool_after=p, dropout=drop, rngs=rngs))
+        layers.append(ConvBlock(cin, w, pool_after=p, dropout=drop, input_keep=keep, rngs=rngs))
+        keep = 1.0 - drop if dropout_init else 1.0
         shape = (shape[0] // 2, shape[1] // 2, w) if p else (shape[0], shape[1], w)
         parts.append(f"conv {w}@5x5 same > ReLU" + (" > max-pool 2" if p else "") + (" > dropout" if drop else ""))
         cin = w
@@ -227,10 +252,11 @@ def _build(name: str, display: str, *, input_shape, num_classes, transform, rngs
     features = shape[0] * shape[1] * shape[2]
     for f in fc:
         f = scaled(f, width_multiplier)
-        layers.append(DenseBlock(features, f, dropout=dropout, rngs=rngs))
+        layers.append(DenseBlock(features, f, dropout=dropout, input_keep=keep, rngs=rngs))
+        keep = 1.0 - dropout if dropout_init else 1.0
         parts.append(f"FC {f} > ReLU" + (" > dropout" if dropout else ""))
         features = f
-    layers.append(DigitHeads(features, num_classes, rngs=rngs))
+    layers.append(DigitHeads(features, num_classes, input_keep=keep, rngs=rngs))
     parts.append(f"{NUM_DIGITS} x FC {num_classes}")
     summary = f"{display} on {_shape_str(input_shape)}: " + " -> ".join(parts)
     return PaperModel(layers, model_name=name, display_name=display, transform=transform, width=None,
