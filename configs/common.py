@@ -42,6 +42,7 @@ def training_config() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 0.01  # A.4 [S]
     c.optimizer.decay_boundaries = (50_000, 100_000)  # A.4 [S]: x0.1 every 50k iterations
     c.optimizer.decay_factor = 0.1
+    c.optimizer.warmup_steps = 0      # [U]: none stated (a linear ramp to the rate over this many steps)
     c.optimizer.momentum = 0.9        # [U]: the paper says SGD; momentum not stated
     c.optimizer.nesterov = False
     c.optimizer.weight_decay = 0.0    # A.4 [S]: none mentioned for MNIST

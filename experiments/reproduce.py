@@ -409,6 +409,7 @@ def coloc_table(rows: list[dict]) -> str:
 
 
 STATED_BY_SCHEDULE = ("optimizer.decay_boundaries", "optimizer.decay_every", "optimizer.learning_rate",
+                      "optimizer.warmup_steps",
                       "optimizer.backbone_lr_multiplier", "optimizer.loc_lr_multiplier", "model.options.batch_norm",
                       "model.options.head_init")
 
@@ -421,8 +422,10 @@ def schedule_text(r: dict) -> str:
     if opt is None:
         return "schedule not recorded"
     drops = [b for b in opt["decay_boundaries"] if b < r["steps"]]
-    text = f"lr {opt['learning_rate']:g}" + (f" x{opt['decay_factor']:g} at step {', '.join(map(str, drops))}"
-                                              if drops else " constant")
+    warmup = opt.get("warmup_steps", 0)
+    text = (f"lr {opt['learning_rate']:g}" + (f" after a linear warm-up of {warmup} steps" if warmup else "")
+            + (f" x{opt['decay_factor']:g} at step {', '.join(map(str, drops))}" if drops else
+               ("" if warmup else " constant")))
     options = r.get("model_options", {})
     extra = [f"backbone x{opt['backbone_lr_multiplier']:g}"] if "backbone" in options else []
     extra += [f"localisation x{opt['loc_lr_multiplier']:g}"] if opt["loc_lr_multiplier"] != 1 else []

@@ -132,6 +132,10 @@ def test_schedule_text_states_the_drops_within_the_run():
     r["optimizer"] = {**OPTIMIZER, "decay_boundaries": [1500, 50_000]}
     assert reproduce.schedule_text(r) == "lr 0.01 x0.1 at step 1500"
     assert reproduce.schedule_text({**r, "optimizer": None}) == "schedule not recorded"
+    r["optimizer"]["warmup_steps"] = 500
+    assert reproduce.schedule_text(r) == "lr 0.01 after a linear warm-up of 500 steps x0.1 at step 1500"
+    r["optimizer"]["decay_boundaries"] = []
+    assert reproduce.schedule_text(r) == "lr 0.01 after a linear warm-up of 500 steps"
 
 
 def test_a_runs_logged_learning_rates_are_what_its_row_says(tmp_path, monkeypatch, synthetic_mnist):

@@ -392,3 +392,16 @@ def test_schedule_drops_at_each_boundary_and_boundaries_are_checked():
             resolve({**base, "optimizer": {"decay_boundaries": bad}})
     with pytest.raises(ValueError, match="unknown config key 'config.optimizer.decay_every'"):
         resolve({**base, "optimizer": {"decay_every": 100}})
+
+
+def test_warmup_ramps_linearly_then_follows_the_drops():
+    import ml_collections
+
+    opt = ml_collections.ConfigDict({**trainer_defaults()["optimizer"], "learning_rate": 0.1,
+                                     "decay_boundaries": (3,), "decay_factor": 0.5, "warmup_steps": 4})
+    schedule = train_state.make_schedule(opt)
+    assert [round(float(schedule(s)), 6) for s in range(6)] == [0.025, 0.05, 0.075, 0.05, 0.05, 0.05]
+    rates = train_state.learning_rates(opt, ("main", "loc"), jnp.int32(1))
+    assert round(float(rates["learning_rate"]), 8) == 0.05
+    with pytest.raises(ValueError, match="warmup_steps"):
+        resolve({"model": {"name": "cnn"}, "data": {"task": "rts"}, "optimizer": {"warmup_steps": -1}})

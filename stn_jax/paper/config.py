@@ -32,7 +32,8 @@ def trainer_defaults() -> dict[str, Any]:
         "keep_checkpoints": 3,
         "eval_batch_size": 1_000,
         "optimizer": {"name": "sgd", "learning_rate": 0.01, "decay_boundaries": (), "decay_factor": 0.1,
-                      "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "loc_lr_multiplier": 1.0,
+                      "warmup_steps": 0, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
+                      "loc_lr_multiplier": 1.0,
                       "backbone_lr_multiplier": 1.0},
         "model": {"name": None, "transform": "", "options": {}},
         "data": {"task": None},
@@ -96,6 +97,9 @@ def resolve(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collect
                     value.setdefault(k, d)
                     _check_type(value[k], d, f"config.optimizer.{k}")
                 value["decay_boundaries"] = check_boundaries(value["decay_boundaries"])
+                if value["warmup_steps"] < 0:
+                    raise ValueError(f"config.optimizer.warmup_steps must be 0 (none) or positive, "
+                                     f"got {value['warmup_steps']}")
                 if value["name"] not in OPTIMIZERS:
                     raise ValueError(f"config.optimizer.name must be one of {', '.join(OPTIMIZERS)}, "
                                      f"got {value['name']!r}")

@@ -63,9 +63,15 @@ new layers: classifiers, part-feature fusion; the whole network of a model witho
 
 def make_schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
     """The paper's step schedule: ``learning_rate``, multiplied by ``decay_factor`` at each step of
-    ``decay_boundaries`` (e.g. MNIST (50k, 100k), CUB (10k, 20k, 25k); ``()``: constant)."""
-    return optax.piecewise_constant_schedule(opt.learning_rate,
-                                             {int(b): opt.decay_factor for b in opt.decay_boundaries})
+    ``decay_boundaries`` (e.g. MNIST (50k, 100k), CUB (10k, 20k, 25k); ``()``: constant); with
+    ``warmup_steps`` > 0 [U] the rate first rises linearly, ``rate * (step + 1) / warmup_steps`` for the
+    first ``warmup_steps`` steps (step 0 takes ``rate / warmup_steps``)."""
+    steps = optax.piecewise_constant_schedule(opt.learning_rate,
+                                              {int(b): opt.decay_factor for b in opt.decay_boundaries})
+    warmup = int(opt.get("warmup_steps", 0))
+    if warmup <= 0:
+        return steps
+    return lambda step: steps(step) * jnp.minimum(1.0, (step + 1) / warmup)
 
 
 def group_multipliers(opt: ml_collections.ConfigDict) -> dict[str, float]:
