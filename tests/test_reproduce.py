@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -112,18 +113,18 @@ def test_cub_table_gives_accuracy_beside_table_3_the_probe_the_schedule_and_the_
                      "loc_lr_multiplier": 1e-4}
         return {**r, "arg": arg, "overrides": {"data.classes": "1-30", "optimizer.decay_boundaries": "(226,)"},
                 "optimizer": optimizer, "model_options": options, **extra}
-    text = reproduce.tables([
-        cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.19, module=reproduce.PROBE),
-        cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.25),
-        cub_row("efficientnet_lite0,st2_448", "cub_st2", "attention", 0.2,
-                crops={"mean_abs_shift": [0.05, 0.125]})])
+    rows = [cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.19, module=reproduce.PROBE),
+            cub_row("efficientnet_lite0,cnn224", "cub_cnn", "", 0.25),
+            cub_row("efficientnet_lite0,st2_448", "cub_st2", "attention", 0.2,
+                    crops={"mean_abs_shift": [0.05, 0.125]})]
+    text = reproduce.tables(rows)
     heading = ("### CUB-200-2011: 452 steps of batch 8; data.classes=1-30; lr 0.01 x0.1 at step 226 (backbone x0.01, "
                "localisation x0.0001, BatchNorm frozen)")
     assert heading in text and text.count("### CUB") == 1  # the probe is the anchor row, not its own budget
     assert "| linear probe (frozen backbone, anchor) | efficientnet_lite0 | 224 px | 81.00 | - | – |" in text
     assert "| CNN | efficientnet_lite0 | 224 px | 75.00 | 82.3 | – |" in text
     assert "| 2xST-CNN | efficientnet_lite0 | 448 px | 80.00 | 83.9 | 0.050 / 0.125 |" in text
-    assert "| – (no training) |" in text
+    assert "| efficientnet_lite0,cnn224 | 0 | 81.00 | 0.5000 | – (no training) |" in reproduce.runs_page(rows)
 
 
 def test_schedule_text_states_the_drops_within_the_run():
@@ -183,15 +184,22 @@ def test_tables_show_mean_std_over_seeds_beside_the_paper():
     assert "5 runs; wall time per run 100-100 s" in text
 
 
-def test_page_is_regenerated_between_the_markers(tmp_path, monkeypatch):
-    page = tmp_path / "results.md"
+def test_pages_are_regenerated_results_between_the_markers_runs_whole(tmp_path, monkeypatch):
+    page, runs = tmp_path / "results.md", tmp_path / "runs.md"
     page.write_text(f"# Results\nintro\n{reproduce.BEGIN}\nold table\n{reproduce.END}\noutro\n")
+    runs.write_text("old runs page\n")
     monkeypatch.setattr(reproduce, "RESULTS_PAGE", page)
+    monkeypatch.setattr(reproduce, "RUNS_PAGE", runs)
     monkeypatch.setattr(reproduce, "IMAGES", tmp_path)
-    reproduce.write_page([row("rts", "cnn", "", 0, 0.1)])
+    rows = [row("rts", "cnn", "", 0, 0.1)]
+    reproduce.write_page(rows)
     text = page.read_text()
     assert text.startswith("# Results\nintro\n") and text.endswith(f"{reproduce.END}\noutro\n")
     assert "old table" not in text and "| CNN | 10.00 / 0.8 |" in text
+    assert runs.read_text() == reproduce.runs_page(rows) and "old runs page" not in runs.read_text()
+    first = page.read_text(), runs.read_text()
+    reproduce.write_page(rows)  # regenerating from the same rows changes nothing
+    assert (page.read_text(), runs.read_text()) == first
 
 
 def test_unknown_study_is_an_error(capsys):
@@ -233,6 +241,63 @@ def test_runs_with_other_overrides_are_a_separate_budget():
     assert "| FCN | 90.00 / 47.7 |" in text and "| FCN | 50.00 / 47.7 |" in text
 
 
+def study_rows() -> list[dict]:
+    """Rows of every family: two MNIST budgets, SVHN, CUB (a probe and a fine-tune) and co-localisation."""
+    svhn = {**row("svhn_synth", "svhn_cnn", "", 0, 0.3, steps=1200, batch_size=32, config="svhn"),
+            "arg": "cnn,64,synthetic"}
+    cub_options = {"model_options": {"backbone": "efficientnet_lite0"}, "overrides": {"data.classes": "1-30"}}
+    probe = {**row("cub", "cub_cnn", "", 0, 0.2, steps=452, batch_size=8, config="cub"),
+             "arg": "efficientnet_lite0,cnn224", "module": reproduce.PROBE, **cub_options}
+    cub = {**probe, "module": reproduce.TRAIN, "test_error": 0.25}
+    coloc = {**row("coloc_set", "coloc_st", "attention", 0, 0.0, steps=300, batch_size=100, config="colocalisation"),
+             "arg": "t,8", "localised": 0.0, "mean_iou": 0.1}
+    del coloc["test_error"], coloc["test_loss"]
+    return [row("rts", "cnn", "", 0, 0.1), row("rts", "cnn", "", 1, 0.2), row("r", "fcn", "", 0, 0.3, steps=3000),
+            row("addition", "add_fcn", "", 0, 0.9, config="mnist_addition"), svhn, probe, cub, coloc]
+
+
+def test_runs_page_holds_every_run_with_its_command_under_the_results_headings():
+    rows = study_rows()
+    page = reproduce.runs_page(rows)
+    assert page.startswith(f"# {reproduce.RUNS_TITLE}\n\n{reproduce.RUNS_INTRO}\n") and page.endswith("|\n")
+    assert "--table_only" in reproduce.RUNS_INTRO  # the page says how it is made
+    for r in rows:
+        assert f"`{r['command']}` |" in page, r["arg"]
+    assert page.count("python -m experiments.train --config=") == len(rows)  # one line per run
+    block = reproduce.tables(rows)
+    headings = [line[4:] for line in block.splitlines() if line.startswith("### ")]
+    assert [line[3:] for line in page.splitlines() if line.startswith("## ")] == headings
+    assert len(headings) == 5 and [h.split(":")[0] for h in headings] == [
+        "Budget", "Budget", "Synthetic house numbers", "CUB-200-2011", "Co-localisation"]
+    assert "| run | seed | test error % | test loss | schedule (the run's config) | wall s | command |" in page
+    assert "| rts cnn | 1 | 20.00 | 0.5000 | lr 0.01 constant | 100 | `python -m experiments.train" in page
+
+
+def test_results_block_holds_no_command_and_links_each_budget_to_its_runs():
+    rows = study_rows()
+    block, page = reproduce.tables(rows), reproduce.runs_page(rows)
+    assert "python -m experiments.train --config=" not in block and "<details>" not in block
+    anchors = set(reproduce.github_anchors([line.lstrip("#").strip() for line in page.splitlines()
+                                            if line.startswith("#")]))
+    links = re.findall(r"\]\(runs\.md#([^)]+)\)", block)
+    assert len(links) == block.count("### ") == 5 and set(links) <= anchors
+    assert "[runs.md](runs.md#budget-500-steps-of-batch-64-05-epochs-of-mnist-lr-001-constant)" in block
+    assert "3 runs; wall time per run 100-100 s (median 100 s), total 0.1 h on x86_64 2 CPUs, jax 0.10.2" in block
+    assert reproduce.tables(rows) == block and reproduce.runs_page(rows) == page  # regenerating gives the same
+
+
+def test_github_anchors_follow_githubs_rule_with_suffixes_for_repeats():
+    # Headings of docs/results.md and docs/coloc.md whose anchors the docs link to.
+    assert reproduce.github_anchor("At 3,000 steps (the converging budget)") == "at-3000-steps-the-converging-budget"
+    assert reproduce.github_anchor("SVHN (Table 2) on synthetic house numbers") == (
+        "svhn-table-2-on-synthetic-house-numbers")
+    assert reproduce.github_anchor("Co-localisation: 300 steps of batch 100") == (
+        "co-localisation-300-steps-of-batch-100")
+    assert reproduce.github_anchor("x: model.options.width_multiplier=0.125 – ± `a`") == (
+        "x-modeloptionswidth_multiplier0125---a")
+    assert reproduce.github_anchors(["A b", "a B", "a-b-1", "A b"]) == ["a-b", "a-b-1", "a-b-1-1", "a-b-2"]
+
+
 def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp_path, monkeypatch):
     def coloc_row(arg, seed, localised, final=None):
         r = dict(row("coloc_set", "coloc_st", "attention", seed, 0.0, steps=300, batch_size=100,
@@ -242,7 +307,8 @@ def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp
 
     end = {"scale": 0.5, "centre_error_px": 2.0, "centred": 1.0}
     rows = [coloc_row("t,3", 0, 0.5, end), coloc_row("t,3", 1, 1.0, dict(end, scale=0.3)), coloc_row("tc,0", 0, 0.0)]
-    text = reproduce.coloc_table(rows)
+    text = reproduce.tables(rows)
+    assert "### Co-localisation: 300 steps of batch 100\n" in text
     assert "| T | seeds run | 0 | 0 | 0 | 2 |" in text
     lines = {line.rsplit("|", 12)[0]: line for line in text.splitlines() if line.startswith("| T")}
     assert "| T | localised % | – | – | – | 75 |" in text and lines["| T | localised % "].endswith("| – | 100 |")
@@ -251,6 +317,9 @@ def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp
     assert "| T | `centred` % (diagnostic: a digit-sized box at the crop's centre) | – | – | – | 100 |" in text
     assert "| TC | localised % | 0 | –" in text and "| TC | mean IoU | 0.250 |" in text
     assert "| TC | crop half-side s (digit frame: 0.33) | – |" in text  # an older row without its final evaluation
+    runs = reproduce.runs_page(rows)  # every run: its final crop and what its row does not record ("–")
+    assert "| t,3 | 1 | 100 | 0.250 | 0.30 | 2.00 | – | 100 | `python -m experiments.train --config=" in runs
+    assert "| tc,0 | 0 | 0 | 0.250 | – | – | – | 100 |" in runs
     # The final evaluation is read from the run's metrics (the last line with test metrics).
     run = tmp_path / "run"
     run.mkdir()
@@ -311,12 +380,10 @@ def test_coloc_study_trains_its_encoder_first_and_passes_its_workdir_to_every_ce
     r = {**row("coloc_set", "coloc_st", "attention", 0, 0.0, steps=300, batch_size=100, config="colocalisation"),
          "arg": "t,8", "localised": 1.0, "mean_iou": 0.7,
          "prerequisite": {"workdir": "runs/coloc_encoder", "error": 0.011, "loss": 0.04}}
-    assert "Encoder runs/coloc_encoder: test error 1.10 %." in reproduce.coloc_table([r])
+    assert "Encoder runs/coloc_encoder: test error 1.10 %." in reproduce.tables([r])
 
 
 def test_rows_record_the_code_commit(tmp_path, monkeypatch):
-    import re
-
     assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?|unknown \(not a git checkout\)", reproduce.code_commit())
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)  # not a git checkout
     assert reproduce.code_commit() == "unknown (not a git checkout)"
