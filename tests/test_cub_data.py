@@ -23,6 +23,7 @@ from PIL import Image
 
 from stn_jax.paper import evaluation
 from stn_jax.paper.data import cub, mnist as mnist_lib
+from stn_jax.paper.data.cub import cache as cub_cache
 from stn_jax.paper.data.files import CacheBuildInterrupted
 from stn_jax.paper.data.tasks import TASKS, default_config, make_dataset, resolve_options
 from stn_jax.paper.objectives import create_objective
@@ -368,7 +369,7 @@ def test_ctrl_c_during_a_cache_build_is_one_line_and_leaves_nothing(fake_cub, tm
     def interrupt(job):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cub, "_resize_job", interrupt)
+    monkeypatch.setattr(cub_cache, "_resize_job", interrupt)
     with pytest.raises(KeyboardInterrupt) as stop:  # a bare one would stop the test session
         cub.CubDataset(_config(fake_cub, use_cache=True, cache_dir=str(tmp_path / "cache")), seed=0,
                        global_batch_size=2)
@@ -381,7 +382,7 @@ def test_ctrl_c_during_a_cache_build_is_one_line_and_leaves_nothing(fake_cub, tm
 def test_worker_processes_leave_ctrl_c_to_the_parent():
     """A Ctrl-C in a terminal reaches every process of the group: the workers ignore it (no traceback from
     each), and the parent stops them."""
-    with cub._spawn_executor(1) as pool:
+    with cub_cache._spawn_executor(1) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result(timeout=120) == signal.SIG_IGN
 
 

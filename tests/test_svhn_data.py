@@ -26,6 +26,7 @@ from PIL import Image
 from experiments import cli
 from stn_jax.paper.data import svhn
 from stn_jax.paper.data.files import CacheBuildInterrupted
+from stn_jax.paper.data.svhn import cache as svhn_cache
 
 FIELDS = ("label", "left", "top", "width", "height")
 
@@ -144,6 +145,13 @@ def test_mat_and_json_agree(tmp_path):
                                                                        for r in b]
 
 
+def test_a_long_mat_file_reads_with_its_progress_bar(tmp_path):
+    """Over 1,000 entries (the official train and extra files) the reader shows a progress bar."""
+    entries = [(f"{i}.png", [(1, 5, 5, 10, 20)]) for i in range(1001)]
+    records = svhn.read_digit_struct_mat(write_mat(tmp_path / "digitStruct.mat", entries), progress=True)
+    assert len(records) == 1001 and records[-1].filename == "1000.png"
+
+
 def test_locate_split_forms(source, tmp_path):
     assert svhn.locate_split(source, "train").annotation.name == "digitStruct.json"
     assert svhn.locate_split(source, "test").annotation.name == "digitStruct.mat"
@@ -250,7 +258,7 @@ def test_cache_build_skip_reuse_rebuild(source, tmp_path, monkeypatch):
     np.testing.assert_array_equal(a.box[2, :3], np.array([b[1:] for b in ENTRIES[2][1]], np.float32))
     assert np.isnan(a.box[2, 3:]).all()
     # Reused: no rebuild.
-    monkeypatch.setattr(svhn, "build_cache", lambda *a, **k: pytest.fail("cache rebuilt"))
+    monkeypatch.setattr(svhn_cache, "build_cache", lambda *a, **k: pytest.fail("cache rebuilt"))
     b = svhn.split_cache(source, "train", cache, 64)
     assert b.path == a.path
     np.testing.assert_array_equal(b.image, a.image)
@@ -382,7 +390,7 @@ def test_ctrl_c_during_a_cache_build_is_one_line_and_leaves_nothing(source, tmp_
             raise KeyboardInterrupt
         return np.zeros((64, 64, 3), np.uint8)
 
-    monkeypatch.setattr(svhn, "_crop_job", crop_then_interrupt)
+    monkeypatch.setattr(svhn_cache, "_crop_job", crop_then_interrupt)
     with pytest.raises(KeyboardInterrupt) as stop:  # a bare one would stop the test session
         svhn.split_cache(source, "train", tmp_path / "cache", 64)
     message = str(stop.value)

@@ -139,7 +139,7 @@ def check_labels(labels: Any, num_classes: int, what: str, shape: tuple[int, ...
 
 
 @register
-class Sequence(Objective):
+class DigitSequence(Objective):
     """Multi-digit sequences (paper Sect. 4.2, SVHN): five independent softmax classifiers, one per position.
 
     The model returns logits ``(B, P, C)`` (P = 5 positions, C = 11: digits 0-9 and 10 = "no digit");

@@ -52,8 +52,8 @@ from stn_jax.conv import conv_general_dilated
 from stn_jax.layers import Bound, Flatten, LocalisationParam, SpatialTransformer, count_params, pool, pooled_size
 from stn_jax.paper.data import TASKS
 from stn_jax.paper.data.mnist_tasks import MNIST_TASKS
-from stn_jax.paper.models import ModelSpec, PaperModel, create_model, module_params, register, solve_width
 from stn_jax.paper.models.classifiers import CNNClassifier
+from stn_jax.paper.models.registry import ModelSpec, PaperModel, create_model, module_params, register, solve_width
 
 log = logging.getLogger(__name__)
 

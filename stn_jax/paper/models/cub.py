@@ -50,9 +50,9 @@ from flax import nnx
 
 import stn_jax
 from stn_jax.layers import Flatten, as_localisation, pool
-from stn_jax.paper.models import ModelSpec, register
 from stn_jax.paper.models.backbones import BACKBONES, build_from_torch_state_dict, read_torch_state_dict
 from stn_jax.paper.models.backbones.convert import check_weights_path, fold_batch_norm
+from stn_jax.paper.models.registry import ModelSpec, register
 
 INITIAL_CENTRES = {1: [(0.0, 0.0)], 2: [(0.0, -0.5), (0.0, 0.5)],
                    4: [(-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5)]}

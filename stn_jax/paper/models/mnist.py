@@ -36,8 +36,8 @@ from stn_jax.layers import (
     SpatialTransformer,
     count_params,
 )
-from stn_jax.paper.models import ModelSpec, PaperModel, module_params, register, solve_width
 from stn_jax.paper.models.classifiers import CLASSIFIERS
+from stn_jax.paper.models.registry import ModelSpec, PaperModel, module_params, register, solve_width
 
 PARAM_BUDGET = 400_000
 """Parameters per model (all models of one experiment) [U]: the paper does not state it; ~400k is a recollection."""

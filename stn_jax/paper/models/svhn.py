@@ -15,7 +15,7 @@ Outputs: logits ``(B, 5, num_classes)`` (``num_classes`` = 11: digits 0-9 and
 10 = "no digit", the data's labels), one row per digit position, left to right;
 ``model(x, return_aux=True)`` also returns the transformers' ``theta``,
 ``warped`` and ``identity_penalty`` (`stn_jax.layers.TransformerSequential`).
-The objective is `stn_jax.paper.objectives.Sequence` (``"sequence"``).
+The objective is `stn_jax.paper.objectives.DigitSequence` (``"sequence"``).
 
 Paper numbers (Table 2, sequence error %) are in each spec's ``paper`` keyed
 ``("svhn64", transform)`` for the 64 px column and ``("svhn128", transform)``
@@ -89,7 +89,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stn_jax.layers import FCBody, Flatten, LocalisationParam, SpatialTransformer, count_params, pool
-from stn_jax.paper.models import ModelSpec, PaperModel, register
+from stn_jax.paper.models.registry import ModelSpec, PaperModel, register
 
 NUM_DIGITS = 5                                                  # [P] five digit classifiers
 CONV_WIDTHS = (48, 64, 128, 160, 192, 192, 192, 192)            # [S] A.5
