@@ -151,6 +151,53 @@ def test_patch_theta_hand_computed():
     assert (np.asarray(box) >= -1 - 1e-6).all() and (np.asarray(box) <= 1 + 1e-6).all()
 
 
+def test_unit_norm_whole_and_per_part_hand_computed():
+    d = jnp.array([[3.0, 4.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, -5.0]])
+    # Whole: divided by sqrt(9 + 16 + 4 + 1) = sqrt(30) and by 5; per part (2, 2, 1): each part by its own norm
+    # (a zero part stays zero).
+    np.testing.assert_allclose(np.asarray(C.unit_norm(d)), [[3, 4, 0, 2, 1] / np.sqrt(30), [0, 0, 0, 0, -1]],
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(C.unit_norm(d, (2, 2, 1))), [[0.6, 0.8, 0, 1, 1], [0, 0, 0, 0, -1]],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="do not make up"):
+        C.unit_norm(d, (2, 2))
+
+
+class _RecordingStub(_StubModel):
+    """The stub with two one-number descriptor parts; it records the random patches it is asked for."""
+
+    descriptor_sizes = (1, 1)
+
+    def describe_patches(self, x, theta):
+        self.patches = np.asarray(theta)
+        return super().describe_patches(x, theta)
+
+
+def test_triplet_fixed_patches_and_per_part_normalisation_hand_computed():
+    u = jnp.array([[0.9, 0.0, 0.5], [0.1, 1.0, 0.25], [0.5, 0.5, 0.75]])
+    batch = {"image": jnp.zeros((3, 4, 4, 1)), "rand": u, "box": jnp.zeros((3, 4)), "mask": jnp.ones(3)}
+    obj = create_objective({"name": "triplet", "patch_scale": "fixed", "normalize": False, "normalize_parts": True})
+    assert obj.options["patch_fixed_scale"] == pytest.approx(1 / 3)
+    stub = _RecordingStub()
+    loss, _ = obj.loss(stub, batch)
+    # Fixed patches: s = 1/3 whatever u[:, 0], centre (2 u - 1)(1 - 1/3).
+    third = 1 / 3
+    np.testing.assert_allclose(stub.patches, [[third, -2 / 3, 0.0], [third, 2 / 3, -1 / 3], [third, 0.0, 1 / 3]],
+                               atol=1e-6)
+    # Per part (two parts of one number): DESC_T -> (0, 0), (1, 0), (0, 1); DESC_RAND -> (0, 1), (1, 1), (0, 0).
+    # |t_n - r_n|^2 = 1, 1, 1; |t_n - t_m|^2: (0,1) = 1, (0,2) = 1, (1,2) = 2. Hinge (alpha 1):
+    # n=0: 1 + 1; n=1: 1 + 2; n=2: 1 + 2 -> 8 over 6 pairs.
+    np.testing.assert_allclose(float(loss), 8 / 6, rtol=1e-6)
+    # Both: per part, then the whole scaled to length 1: only image 1's patch (1, 1) changes, to (1, 1) / sqrt 2,
+    # so |t_1 - r_1|^2 = 2 - sqrt 2 and image 1's two terms grow by sqrt 2 - 1 each.
+    both = create_objective({"name": "triplet", "patch_scale": "fixed", "normalize": True, "normalize_parts": True})
+    np.testing.assert_allclose(float(both.loss(stub, batch)[0]), (8 + 2 * (np.sqrt(2) - 1)) / 6, rtol=1e-6)
+    with pytest.raises(ValueError, match="descriptor_sizes"):
+        obj.loss(_StubModel(), batch)
+    with pytest.raises(ValueError, match="patch_fixed_scale"):
+        create_objective({"name": "triplet", "patch_fixed_scale": 0.0})
+
+
 # ----------------------------------------------------------------------------
 # The fixed image set.
 # ----------------------------------------------------------------------------
@@ -356,6 +403,10 @@ def test_model_options_and_parameter_count(encoder_run):
     desc, aux = m(x, return_aux=True)
     np.testing.assert_allclose(np.asarray(aux["theta"][0]), [[0.4, 0, 0]] * 2, atol=1e-6)  # the initial crop
     assert aux["warped"][0].shape == (2, 28, 28, 1) and desc.shape == (2, 426)
+    assert m.descriptor_sizes == (400, 16, 10)  # 10x10x4, 2x2x4, the logits
+    parts = models.create_model("coloc_st", input_shape=(84, 84, 1), num_classes=10, rngs=nnx.Rngs(0),
+                                encoder=str(encoder_run), descriptor="logits,hidden2")
+    assert parts.descriptor_sizes == (10, 16) and parts(x).shape == (2, 26)
     # Trainable: the localisation network only, the paper's list of layers on 11x11x8 = 968 features:
     # conv 9*9*8 + 8, FC 968*8 + 8, FC 8*8 + 8, FC 8*3 + 3.
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
@@ -430,3 +481,74 @@ def test_the_localisation_network_sees_every_input_pixel():
     assert (grad.sum(1) > 0).all() and (grad.sum(0) > 0).all()  # every row and column
     with pytest.raises(ValueError, match="stride 5 must be between 1 and kernel_size 4"):
         ColocLocalisation((84, 84, 1), kernel_size=4, stride=5, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------
+# experiments.coloc_losses: the loss of hand-placed crops.
+# ----------------------------------------------------------------------------
+
+
+def test_coloc_losses_hand_placed_crops(encoder_run, synthetic_mnist, tmp_path):
+    from experiments import coloc_losses as L
+    from stn_jax.paper.train_state import setup
+
+    config = _tiny_config(synthetic_mnist, encoder_run, 4)
+    c = L.variant(config, "hidden2,logits", "per_part", "fixed")
+    assert (c.objective.normalize, c.objective.normalize_parts, c.objective.patch_scale) == (False, True, "fixed")
+    s = setup(c)
+    scores = L.score_crops(s)
+    assert list(scores) == list(L.COLUMNS)
+    # The untrained model's crops: the objective's own evaluation of the model (its eval step, its crops).
+    run = evaluation.Run(s, evaluation.make_mesh(), evaluation.make_eval_step(s), evaluation.make_picture_step(s))
+    np.testing.assert_allclose(scores["start"]["loss"], evaluation.evaluate(run, s.state)["loss"], rtol=1e-5)
+    np.testing.assert_allclose(scores["start"]["scale"], 0.5, rtol=1e-6)
+    # The digit's frame is its box exactly; the empty corner crop misses it; the whole image has IoU 1/9.
+    np.testing.assert_allclose(scores["digit frame"]["mean_iou"], 1.0, rtol=1e-5)
+    assert scores["empty"]["mean_iou"] == 0.0
+    np.testing.assert_allclose(scores["whole image"]["mean_iou"], 1 / 9, rtol=1e-4)
+    # The digit frame's loss by hand: crops and fixed patches (s = 1/3) through the model's encoder, each part
+    # normalised, every pair m != n.
+    model = s.merge(s.state.params, s.state.model_state, train=False)
+    data = s.dataset.test_set()
+    box, u = np.asarray(data["box"]), np.asarray(data["rand"])
+    frame = np.column_stack([(box[:, 2] - box[:, 0]) / 2, (box[:, :2] + box[:, 2:]) / 2])
+    np.testing.assert_allclose(frame[:, 0], 28 / 84, rtol=1e-5)
+    patches = np.column_stack([np.full(len(u), 1 / 3), (2 * u[:, 1:] - 1) * (1 - 1 / 3)])
+
+    def unit_parts(d):
+        d = np.asarray(d, np.float64)
+        h2, logits = d[:, :16], d[:, 16:]
+        assert logits.shape[1] == 10
+        norm = lambda p: np.sqrt(np.sum(p ** 2, 1, keepdims=True) + 1e-12)  # a zero part (dead ReLUs) stays 0
+        return np.concatenate([p / norm(p) for p in (h2, logits)], 1)
+
+    t = unit_parts(model.describe_patches(jnp.asarray(data["image"]), jnp.asarray(frame, jnp.float32)))
+    r = unit_parts(model.describe_patches(jnp.asarray(data["image"]), jnp.asarray(patches, jnp.float32)))
+    n = len(t)
+    hinge = [max(0.0, np.sum((t[i] - t[j]) ** 2) - np.sum((t[i] - r[i]) ** 2) + 1.0)
+             for i in range(n) for j in range(n) if i != j]
+    np.testing.assert_allclose(scores["digit frame"]["loss"], np.mean(hinge), rtol=1e-4)
+
+
+def test_coloc_losses_command_line_prints_a_row_per_combination(encoder_run, synthetic_mnist, tmp_path):
+    from experiments.coloc_losses import COLUMNS
+
+    out = tmp_path / "table.md"
+    command = [sys.executable, "-m", "experiments.coloc_losses", "--config=configs/colocalisation.py:t,3,tiny",
+               f"--config.data.source={synthetic_mnist}", f"--config.model.options.encoder={encoder_run}",
+               "--config.data.test_size=8", "--config.batch_size=8", "--config.eval_batch_size=8",
+               "--patch_scales=fixed"]
+    variants = ["--descriptors=hidden1,hidden2,logits", "--descriptors=logits", "--normalize=false,per_part"]
+    result = subprocess.run([*command, *variants, f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| descriptor | normalize | random patch | digit frame | whole image | empty |")
+    assert [r.split(" | ")[:3] for r in rows[1:]] == [
+        ["| hidden1+hidden2+logits", "none", "fixed 0.333"], ["| hidden1+hidden2+logits", "per_part", "fixed 0.333"],
+        ["| logits", "none", "fixed 0.333"], ["| logits", "per_part", "fixed 0.333"]]
+    assert all(len(r.split(" | ")) == 3 + len(COLUMNS) for r in rows[1:])
+    assert out.read_text().strip() == result.stdout.strip()
+    bad = subprocess.run([*command, "--normalize=sideways"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert bad.returncode == 1 and "unknown normalisation 'sideways'" in bad.stderr
+

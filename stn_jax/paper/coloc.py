@@ -7,6 +7,7 @@ Pure JAX functions, no registry: the ``triplet`` objective (`stn_jax.paper.objec
 * `theta_to_box`, `iou`: boxes ``(x0, y0, x1, y1)`` in normalised [-1, 1] image
   coordinates (outer pixel edges, ``align_corners=False``).
 * `patch_theta`: the random patches ``I_n^rand`` of the loss, placed inside the image.
+* `unit_norm`: descriptors scaled to unit L2 norm, as a whole or part by part.
 * `triplet_terms`: the paper's hinge
   ``sum_n sum_{m != n} max(0, |e(I_n^T) - e(I_m^T)|^2 - |e(I_n^T) - e(I_n^rand)|^2 + alpha)``
   per image, with its pair counts.
@@ -14,8 +15,11 @@ Pure JAX functions, no registry: the ``triplet`` objective (`stn_jax.paper.objec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # ----------------------------------------------------------------------------
 # Boxes.
@@ -58,6 +62,22 @@ def patch_theta(u: jax.Array, scale: jax.Array) -> jax.Array:
     s = jnp.abs(scale)
     room = jnp.clip(1.0 - s, 0.0)[:, None]
     return jnp.concatenate([s[:, None], (2.0 * u[:, 1:] - 1.0) * room], 1)
+
+
+def unit_norm(desc: jax.Array, sizes: Sequence[int] | None = None) -> jax.Array:
+    """``desc`` ``(B, D)`` divided by its L2 norm (``sqrt(|d|^2 + 1e-12)``: a zero vector stays zero).
+
+    ``sizes``: the lengths of consecutive parts of the descriptor (summing to D); each part is then
+    divided by its own norm, so that each has length 1 and the whole ``sqrt(len(sizes))``.
+    """
+    if sizes is None:
+        return desc / jnp.sqrt(jnp.sum(desc ** 2, -1, keepdims=True) + 1e-12)
+    sizes = [int(n) for n in sizes]
+    if sum(sizes) != desc.shape[-1]:
+        raise ValueError(f"descriptor parts of sizes {sizes} (sum {sum(sizes)}) do not make up its "
+                         f"{desc.shape[-1]} numbers")
+    parts = jnp.split(desc, np.cumsum(sizes)[:-1].tolist(), -1)
+    return jnp.concatenate([unit_norm(p) for p in parts], -1)
 
 
 def triplet_terms(desc_t: jax.Array, desc_rand: jax.Array, alpha: float, num_pairs: int = 0,

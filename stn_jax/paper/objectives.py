@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stn_jax.paper.coloc import iou, patch_theta, theta_to_box, triplet_terms
+from stn_jax.paper.coloc import iou, patch_theta, theta_to_box, triplet_terms, unit_norm
 from stn_jax.paper.registry import Registry
 
 Batch = Mapping[str, jax.Array]
@@ -196,51 +196,88 @@ class Triplet(Objective):
 
     Loss = the mean over the batch's pairs (n, m) of the hinge (the paper's double
     sum divided by the number of pairs: a constant factor, i.e. the learning rate).
-    Options: ``alpha`` (margin, paper 1.0); ``patch_scale``: the random patch's size,
+    Options: ``alpha`` (margin, paper 1.0); ``patch_scale``: the random patch's size [U],
     ``"crop"`` (the same size as image n's predicted crop, at a random place inside the
-    image) or ``"range"`` (``s ~ U[patch_min_scale, patch_max_scale]``) [U]; ``num_pairs`` (0: every m != n of the
-    batch; k: k rolled partners per image), ``iou_threshold`` (paper 0.5),
+    image), ``"range"`` (``s ~ U[patch_min_scale, patch_max_scale]``) or ``"fixed"``
+    (``s = patch_fixed_scale``, default 1/3: a 28x28 digit's size in 84x84 images); ``num_pairs`` (0: every
+    m != n of the batch; k: k rolled partners per image), ``iou_threshold`` (paper 0.5),
     ``box`` (``"box"``: the digit's 28x28 frame, the paper's box; or ``"ink_box"``),
     ``normalize`` (divide every descriptor by its L2 norm first [U]: the paper does not say;
-    without it the loss's minimum is an empty crop, docs/coloc.md).
+    without it the loss's minimum is an empty crop, docs/coloc.md), ``normalize_parts``
+    (divide each of the descriptor's parts, the model's ``descriptor_sizes``, e.g. the encoder's two
+    hidden layers and its logits, by its own L2 norm first, so that each part has length 1 [U]; with
+    ``normalize`` as well the concatenation is then scaled to length 1).
     Eval metrics: ``localised`` (fraction with IoU > threshold), ``mean_iou``, ``loss``,
     ``scale`` (mean predicted s), ``centre_error_px`` (mean distance in pixels between the
     crop's centre and the box's: how well the object is found whatever the box size) and
     ``centred`` (a diagnostic that is told the true box's size: the fraction whose box of that
-    size at the predicted centre has IoU > threshold).
+    size at the predicted centre has IoU > threshold). ``eval_sums(model, batch, theta)`` scores
+    given crops ``theta`` instead of the model's (`experiments.coloc_losses`: hand-placed crops).
     """
 
     name = "triplet"
     headline = "localised"
     scores_labels = False  # it reads boxes and random patches
     defaults = {"alpha": 1.0, "patch_scale": "crop", "patch_min_scale": 0.25, "patch_max_scale": 0.5,
-                "normalize": True, "num_pairs": 0, "iou_threshold": 0.5, "box": "box"}
+                "patch_fixed_scale": 1 / 3, "normalize": True, "normalize_parts": False, "num_pairs": 0,
+                "iou_threshold": 0.5, "box": "box"}
+    PATCH_SCALES = ("crop", "range", "fixed")
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         if self.options["box"] not in ("box", "ink_box"):
             raise ValueError(f"objective triplet: box must be 'box' or 'ink_box', got {self.options['box']!r}")
-        if self.options["patch_scale"] not in ("crop", "range"):
-            raise ValueError(f"objective triplet: patch_scale must be 'crop' or 'range', got "
+        if self.options["patch_scale"] not in self.PATCH_SCALES:
+            raise ValueError(f"objective triplet: patch_scale must be one of {', '.join(self.PATCH_SCALES)}, got "
                              f"{self.options['patch_scale']!r}")
         if not 0 < self.options["patch_min_scale"] <= self.options["patch_max_scale"]:
             raise ValueError("objective triplet: need 0 < patch_min_scale <= patch_max_scale")
+        if not self.options["patch_fixed_scale"] > 0:
+            raise ValueError(f"objective triplet: patch_fixed_scale must be positive, got "
+                             f"{self.options['patch_fixed_scale']!r}")
 
-    def _terms(self, model, batch, weights=None):
-        desc_t, aux = model(batch["image"], return_aux=True)
-        theta = aux["theta"][0]
+    def patch_scales(self, theta: jax.Array, u: jax.Array) -> jax.Array:
+        """The random patches' half-sides ``(B,)`` for crops ``theta`` ``(B, 3)`` and uniforms ``u`` ``(B, 3)``
+        (``patch_scale``: the crop's own ``s``, ``U[patch_min_scale, patch_max_scale]`` from ``u[:, 0]``, or
+        ``patch_fixed_scale``); `stn_jax.paper.coloc.patch_theta` places them with ``u[:, 1:]``."""
+        mode = self.options["patch_scale"]
+        if mode == "crop":
+            return jax.lax.stop_gradient(theta[:, 0])
+        if mode == "fixed":
+            return jnp.full(theta.shape[:1], float(self.options["patch_fixed_scale"]), theta.dtype)
+        lo, hi = float(self.options["patch_min_scale"]), float(self.options["patch_max_scale"])
+        return lo + (hi - lo) * u[:, 0]
+
+    def normalized(self, model, desc: jax.Array) -> jax.Array:
+        """``desc`` ``(B, D)`` as the loss compares it: per part (``normalize_parts``: the parts of
+        ``model.descriptor_sizes``) and then as a whole (``normalize``) scaled to unit L2 norm."""
+        if self.options["normalize_parts"]:
+            sizes = getattr(model, "descriptor_sizes", None)
+            if sizes is None:
+                raise ValueError("objective triplet: normalize_parts needs a model with descriptor_sizes "
+                                 "(the coloc_st model)")
+            desc = unit_norm(desc, sizes)
+        return unit_norm(desc) if self.options["normalize"] else desc
+
+    def hinge_terms(self, model, batch: Batch, desc_t: jax.Array, theta: jax.Array,
+                    weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Per-image hinge sums and pair counts (`stn_jax.paper.coloc.triplet_terms`) of crops at ``theta``
+        ``(B, 3)`` whose descriptors are ``desc_t`` ``(B, D)``: against random patches of the same images
+        (``batch["rand"]``, `patch_scales`), descriptors normalised as the options say (`normalized`)."""
         u = batch["rand"]
-        if self.options["patch_scale"] == "crop":
-            scale = jax.lax.stop_gradient(theta[:, 0])
+        patches = patch_theta(u, self.patch_scales(theta, u))
+        desc_rand = jax.lax.stop_gradient(model.describe_patches(batch["image"], patches))
+        return triplet_terms(self.normalized(model, desc_t), self.normalized(model, desc_rand),
+                             float(self.options["alpha"]), int(self.options["num_pairs"]), weights)
+
+    def _terms(self, model, batch, weights=None, theta=None):
+        """The model's crops, or the crops ``theta`` ``(B, 3)`` when given (then ``aux`` is None)."""
+        if theta is None:
+            desc_t, aux = model(batch["image"], return_aux=True)
+            theta = aux["theta"][0]
         else:
-            lo, hi = float(self.options["patch_min_scale"]), float(self.options["patch_max_scale"])
-            scale = lo + (hi - lo) * u[:, 0]
-        desc_rand = jax.lax.stop_gradient(model.describe_patches(batch["image"], patch_theta(u, scale)))
-        if self.options["normalize"]:
-            unit = lambda d: d / jnp.sqrt(jnp.sum(d ** 2, -1, keepdims=True) + 1e-12)
-            desc_t, desc_rand = unit(desc_t), unit(desc_rand)
-        hinge, pairs = triplet_terms(desc_t, desc_rand, float(self.options["alpha"]), int(self.options["num_pairs"]),
-                                     weights)
+            desc_t, aux = model.describe_patches(batch["image"], theta), None
+        hinge, pairs = self.hinge_terms(model, batch, desc_t, theta, weights)
         overlap = iou(theta_to_box(theta), batch[self.options["box"]])
         return hinge, pairs, overlap, theta, aux
 
@@ -251,9 +288,10 @@ class Triplet(Objective):
         return loss, dict(localised=localised, mean_iou=overlap.mean(), identity_penalty=aux["identity_penalty"],
                           **theta_stats(aux["theta"]))
 
-    def eval_sums(self, model, batch):
+    def eval_sums(self, model, batch, theta=None):
+        """The sums of `summarize`; ``theta`` ``(B, 3)``: of these crops instead of the model's."""
         mask = batch["mask"].astype(jnp.float32)
-        hinge, pairs, overlap, theta, _ = self._terms(model, batch, mask)
+        hinge, pairs, overlap, theta, _ = self._terms(model, batch, mask, theta)
         good = (overlap > self.options["iou_threshold"]).astype(jnp.float32)
         box = batch[self.options["box"]]
         centre = jnp.stack([box[:, 0] + box[:, 2], box[:, 1] + box[:, 3]], -1) / 2

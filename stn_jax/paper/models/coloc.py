@@ -213,7 +213,8 @@ class FrozenCNN(nnx.Module):
     ``weights``: ``{"conv1": (kernel, bias), "conv2": ..., "out": ...}`` (NumPy), or None for
     zeros of the shapes of a CNN of ``width`` (shape-only builds). The descriptor ``(B, D)`` of
     inputs ``(B, *input_shape)`` concatenates the ``parts`` of: ``hidden1`` (conv 1 > ReLU >
-    max-pool), ``hidden2`` (conv 2 > ReLU > max-pool), ``logits``, each flattened.
+    max-pool), ``hidden2`` (conv 2 > ReLU > max-pool), ``logits``, each flattened; ``part_sizes``
+    gives their lengths in that order (28x28 inputs: 10x10xW, 2x2xW, 10).
     """
 
     def __init__(self, input_shape: Sequence[int], weights: dict | None = None, *, width: int = 8,
@@ -235,6 +236,12 @@ class FrozenCNN(nnx.Module):
         if not parts or unknown:
             raise ValueError(f"descriptor parts must be a non-empty subset of {DESCRIPTOR_PARTS}, got {list(parts)}")
         self.parts = tuple(parts)
+        k1 = CNNClassifier.KERNELS[0]
+        h1 = [pooled_size(n - k1 + 1, 2, True) for n in self.input_shape[:2]]
+        fh, fw, _ = CNNClassifier.feature_shape(self.input_shape, self.width)
+        sizes = {"hidden1": h1[0] * h1[1] * self.width, "hidden2": fh * fw * self.width,
+                 "logits": int(np.shape(weights["out"][1])[0])}
+        self.part_sizes = tuple(sizes[p] for p in self.parts)
 
     def __call__(self, x):
         w = lambda v: jax.lax.stop_gradient(v.get_value())
@@ -330,7 +337,13 @@ def read_encoder(workdir: str | Path) -> dict[str, Any]:
 
 
 class ColocModel(PaperModel):
-    """``[SpatialTransformer (attention), FrozenCNN]`` plus `describe_patches` and `crop`."""
+    """``[SpatialTransformer (attention), FrozenCNN]`` plus `describe_patches`, `crop` and `descriptor_sizes`."""
+
+    @property
+    def descriptor_sizes(self) -> tuple[int, ...]:
+        """The lengths of the descriptor's parts (``descriptor`` option order; the triplet objective's
+        ``normalize_parts`` normalises each separately)."""
+        return self.layers[-1].part_sizes
 
     def describe_patches(self, x, theta):
         """Descriptors ``(B, D)`` of the crops of ``x`` ``(B, H, W, C)`` at attention parameters ``theta (B, 3)``."""
