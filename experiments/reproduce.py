@@ -56,6 +56,7 @@ import stn_jax
 from stn_jax.paper.data import TASKS
 from stn_jax.paper.models import MODELS
 from stn_jax.paper.models.mnist import PAPER_TRANSFORMS, TABLE1_TASKS
+from stn_jax.paper.summaries import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "runs.jsonl"
@@ -342,7 +343,7 @@ def measure_crops(workdir: Path) -> dict:
 
 def _metrics(workdir: Path | str) -> list[dict]:
     """The records of a run's ``metrics.jsonl`` (``workdir`` relative to the project root)."""
-    return [json.loads(line) for line in (ROOT / workdir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(ROOT / workdir)
 
 
 def final_eval(workdir: Path) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -454,3 +455,30 @@ def test_the_picture_of_a_budget_run_twice_is_the_newest_runs(tmp_path, monkeypa
     reproduce._pictures(runs)
     with Image.open(tmp_path / "images" / "results_rts_st_cnn_tps.png") as im:
         assert im.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_plot_curves_reads_runs_and_draws_both_panels(tmp_path):
+    """`experiments.plot_curves`: the moving average by hand, the curves read from metrics.jsonl (errors in
+    %), a picture from two runs; a workdir without metrics is one line."""
+    import subprocess
+    import sys
+
+    from experiments import plot_curves
+
+    ROOT = reproduce.ROOT
+    np.testing.assert_allclose(plot_curves.smoothed([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
+    for name, shift in (("a", 0.0), ("b", 0.5)):
+        rows = [{"step": s, "loss": 6.0 - s / 100 - shift, "error": 0.9 - s / 1000} for s in range(10, 210, 10)]
+        rows.insert(10, {"step": 100, "test_error": 0.8 - shift / 10, "test_loss": 5.0})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = plot_curves.curves(plot_curves.read_metrics(tmp_path / "b"))
+    assert c["test_error"] == ([100], [pytest.approx(75.0)]) and c["error"][1][0] == pytest.approx(89.0)
+    tool = [sys.executable, "-m", "experiments.plot_curves", f"--out={tmp_path / 'curves.png'}"]
+    out = subprocess.run([*tool, f"--run=A={tmp_path / 'a'}", f"--run=B={tmp_path / 'b'}", "--floor=98",
+                          "--floor_label=marginal"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    missing = subprocess.run([*tool, f"--run=A={tmp_path / 'nowhere'}"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=240)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "no metrics.jsonl" in missing.stderr

@@ -70,6 +70,12 @@ class MetricsWriter:
             self._jsonl.close()
 
 
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``, in the order written (training rows and ``test_*`` rows)."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def drop_rows_after(path: Path, step: int) -> None:
     """Removes the rows of ``metrics.jsonl`` with ``"step" > step`` (a resumed run writes them again)."""
     if not path.exists():
