@@ -446,8 +446,8 @@ def coloc_sections(rows: list[dict]) -> list[Section]:
     """Co-localisation rows, one section per budget: % localised per class, T and TC, vs the paper, with how the
     crops ended (scale, centre); the footer names the encoder each run read."""
     sections = []
-    for steps, batch in sorted({(r["steps"], r["batch_size"]) for r in rows}):
-        runs = [r for r in rows if (r["steps"], r["batch_size"]) == (steps, batch)]
+    for steps, batch, setting in sorted({(r["steps"], r["batch_size"], coloc_setting(r)) for r in rows}):
+        runs = [r for r in rows if (r["steps"], r["batch_size"], coloc_setting(r)) == (steps, batch, setting)]
         out = ["Means over seeds per digit class (n = the seeds run). Localised: IoU > 0.5 with the digit's 28x28 "
                "frame; paper: T 100 % for every class, TC 75-93 % (per-class values not available). The last "
                "rows of each block say where the crops ended, from each run's final evaluation.\n",
@@ -465,9 +465,22 @@ def coloc_sections(rows: list[dict]) -> list[Section]:
         encoders = sorted({(r["prerequisite"]["workdir"], r["prerequisite"]["error"]) for r in runs
                            if "prerequisite" in r})
         note = "".join(f" Encoder {w}: test error {100 * e:.2f} %." for w, e in encoders)
-        sections.append(_section(f"Co-localisation: {steps} steps of batch {batch}", out, runs, COLOC_RUN_COLUMNS,
-                                 note))
+        sections.append(_section(f"Co-localisation: {steps} steps of batch {batch}; {setting}", out, runs,
+                                 COLOC_RUN_COLUMNS, note))
     return sections
+
+
+def coloc_setting(r: dict) -> str:
+    """What a co-localisation run's model was, from its ``model_options``: where its encoder came from and the
+    localisation network's FC widths (runs of different settings are tabulated apart)."""
+    o = r.get("model_options", {})
+    if o.get("encoder"):
+        encoder = "encoder a finished run"
+    else:
+        encoder = f"encoder trained by the model ({str(o.get('encoder_task', '?')).upper()}, " \
+                  f"{o.get('encoder_steps', '?')} steps)"
+    fc = "/".join(str(w) for w in o.get("localisation", {}).get("fc", ())) or "?"
+    return f"{encoder}, localisation FC {fc}"
 
 
 STATED_BY_SCHEDULE = ("optimizer.decay_boundaries", "optimizer.decay_every", "optimizer.learning_rate",

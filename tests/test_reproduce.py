@@ -300,16 +300,19 @@ def test_github_anchors_follow_githubs_rule_with_suffixes_for_repeats():
 
 
 def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp_path, monkeypatch):
-    def coloc_row(arg, seed, localised, final=None):
+    options = {"encoder": "workdirs/coloc_encoder", "localisation": {"fc": [96, 96]}}
+
+    def coloc_row(arg, seed, localised, final=None, model_options=options):
         r = dict(row("coloc_set", "coloc_st", "attention", seed, 0.0, steps=300, batch_size=100,
-                      config="colocalisation"), arg=arg, localised=localised, mean_iou=0.25)
+                      config="colocalisation"), arg=arg, localised=localised, mean_iou=0.25,
+                 model_options=model_options)
         del r["test_error"], r["test_loss"]
         return dict(r, final_eval=final) if final else r
 
     end = {"scale": 0.5, "centre_error_px": 2.0, "centred": 1.0}
     rows = [coloc_row("t,3", 0, 0.5, end), coloc_row("t,3", 1, 1.0, dict(end, scale=0.3)), coloc_row("tc,0", 0, 0.0)]
     text = reproduce.tables(rows)
-    assert "### Co-localisation: 300 steps of batch 100\n" in text
+    assert "### Co-localisation: 300 steps of batch 100; encoder a finished run, localisation FC 96/96\n" in text
     assert "| T | seeds run | 0 | 0 | 0 | 2 |" in text
     lines = {line.rsplit("|", 12)[0]: line for line in text.splitlines() if line.startswith("| T")}
     assert "| T | localised % | – | – | – | 75 |" in text and lines["| T | localised % "].endswith("| – | 100 |")
@@ -331,6 +334,13 @@ def test_coloc_table_averages_seeds_per_class_and_says_where_the_crops_ended(tmp
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n')
     with pytest.raises(RuntimeError, match="no test evaluation"):
         reproduce.final_eval(run)
+    # Runs of another model setting (an encoder trained inside the model, other FC widths) get their own table.
+    older = coloc_row("t,3", 0, 0.0, model_options={"encoder": "", "encoder_task": "r", "encoder_steps": 600,
+                                                    "localisation": {"fc": [128, 128]}})
+    headings = [line for line in reproduce.tables(rows + [older]).splitlines() if line.startswith("### ")]
+    assert headings == ["### Co-localisation: 300 steps of batch 100; encoder a finished run, localisation FC 96/96",
+                        "### Co-localisation: 300 steps of batch 100; encoder trained by the model (R, 600 steps), "
+                        "localisation FC 128/128"]
 
 
 def test_coloc_study_trains_its_encoder_first_and_passes_its_workdir_to_every_cell(tmp_path, monkeypatch, capsys):
