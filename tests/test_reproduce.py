@@ -72,8 +72,9 @@ def test_overrides_scale_the_decay_into_the_budget_and_parse_key_values():
 
 
 def test_svhn_and_cub_studies_hold_table_2_and_3_cells():
-    svhn = reproduce.STUDIES["svhn"](1)
-    assert [c.arg for c in svhn] == [f"{m},{s},synthetic" for s in (64, 128) for m in ("cnn", "st_single", "st_multi")]
+    svhn = reproduce.STUDIES["svhn"](2)
+    assert [(c.arg, c.seeds) for c in svhn] == [(f"{m},{s},synthetic", 1 if m == "st_single" else 2)
+                                                for s in (64, 128) for m in ("cnn", "st_single", "st_multi")]
     cub = reproduce.STUDIES["cub"](2)
     assert [(c.arg, c.module, c.seeds) for c in cub] == [
         ("efficientnet_lite0,cnn224", reproduce.PROBE, 1), ("efficientnet_lite0,cnn224", reproduce.TRAIN, 2),
