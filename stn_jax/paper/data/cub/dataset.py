@@ -39,8 +39,7 @@
   JPEG every step     94-108      69-104      51-58       41-45
   ==================  ==========  ==========  ==========  ==========
 
-  (2 wkr: 2 threads for cache reads, 2 processes for JPEGs. Cache reads in
-  2 worker *processes*, an earlier version, gave 500 and 78-91.) With
+  (2 wkr: 2 threads for cache reads, 2 processes for JPEGs.) With
   ``prefetch`` and a 0.5 s stand-in training step, the loop waited for data
   at the equivalent of 4,656 (cache, 224), 576 (JPEG, 224), 728 (cache, 448)
   and 185 (JPEG, 448) images/s: a step longer than making a batch hides
