@@ -236,14 +236,11 @@ class FrozenCNN(nnx.Module):
         if not parts or unknown:
             raise ValueError(f"descriptor parts must be a non-empty subset of {DESCRIPTOR_PARTS}, got {list(parts)}")
         self.parts = tuple(parts)
-        k1 = CNNClassifier.KERNELS[0]
-        h1 = [pooled_size(n - k1 + 1, 2, True) for n in self.input_shape[:2]]
-        fh, fw, _ = CNNClassifier.feature_shape(self.input_shape, self.width)
-        sizes = {"hidden1": h1[0] * h1[1] * self.width, "hidden2": fh * fw * self.width,
-                 "logits": int(np.shape(weights["out"][1])[0])}
-        self.part_sizes = tuple(sizes[p] for p in self.parts)
+        shapes = jax.eval_shape(self._features, jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32))
+        self.part_sizes = tuple(int(shapes[p].shape[-1]) for p in self.parts)
 
-    def __call__(self, x):
+    def _features(self, x) -> dict[str, jax.Array]:
+        """Every part, flattened: ``{"hidden1": (B, ...), "hidden2": (B, ...), "logits": (B, 10)}``."""
         w = lambda v: jax.lax.stop_gradient(v.get_value())
         conv = lambda x, k, b: conv_general_dilated(x, w(k), (1, 1), "VALID",
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + w(b)
@@ -251,7 +248,10 @@ class FrozenCNN(nnx.Module):
         h2 = pool(jax.nn.relu(conv(h1, self.conv2_kernel, self.conv2_bias)), 2, kind="max", ceil=True)
         flat = lambda a: a.reshape(a.shape[0], math.prod(a.shape[1:]))
         logits = flat(h2) @ w(self.out_kernel) + w(self.out_bias)
-        out = {"hidden1": flat(h1), "hidden2": flat(h2), "logits": logits}
+        return {"hidden1": flat(h1), "hidden2": flat(h2), "logits": logits}
+
+    def __call__(self, x):
+        out = self._features(x)
         return jnp.concatenate([out[p] for p in self.parts], -1)
 
     def logits(self, x):
